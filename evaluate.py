@@ -1,0 +1,339 @@
+"""Measuring interpolation: a circle detector for the toy data, histograms against uniform for scores.
+
+Circles (paper Section 5.5): the "accuracy" of a set of generated images is the fraction of
+samples whose circle centre has normalised x coordinate z in [0.2, 0.8], the band never seen in
+training; the paper also reports the fraction of samples with zero or two circles (4.25% +- 2.45%).
+The paper counts circles "with an edge detection algorithm implemented with OpenCV"; we binarise
+the image and take OpenCV's connected components instead, which on these black-and-white images
+finds the same blobs and also gives a sub-pixel, intensity-weighted centre. z = (cx + 0.5) / S as
+in toy_circles.
+
+Scores (Section 5.1, Table 1, App. B): for faces, an evaluation classifier gives each sample a score
+in [0, 1]; the empirical histogram (100 bins, p = counts / sum) is compared with the uniform
+distribution by two numbers, both lower-is-better:
+  "MSE" = sqrt(sum_i (1/bins - p_i)^2)   -- despite the name an L2 norm, as in the released code;
+  KLD   = sum_{p_i > 0} p_i ln(bins p_i) -- KL(p_hist || uniform), the forward KL of App. B.
+The released code histograms over matplotlib's default range [min score, max score] ("data"), while
+[0, 1] ("unit") is what the text describes; histogram_metrics reports both.
+
+Run:  python evaluate.py circles --samples out/samples.npz --out out/eval
+      python evaluate.py scores --scores out/scores.npy --out out/eval
+"""
+import argparse
+import io
+import json
+import math
+import os
+
+import cv2
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from toy_circles import (MIDDLE_BAND, default_radius, draw_disc, grid_positions, normalized_x,
+                         write_bytes_atomically)
+
+
+# ----------------------------------------------------------------------------------------------
+# Circles: detector and accuracy (Section 5.5)
+
+def default_min_area(size):
+    """Smallest blob kept as a circle: max(2, round(0.3 pi r^2)) with r = 2 S / 64, never more than
+    the pixel count of a drawn disc. 4 pixels at S = 64 (a disc has 13), 2 at 32 (a disc has 5),
+    1 at 16 (a disc is one pixel, so there single-pixel noise counts as a circle). Isolated bright
+    pixels are thus not counted as circles at 64 and 32."""
+    r = default_radius(size)
+    disc_pixels = int((draw_disc(size, size // 2, size // 2, r)[:, :, 0] > 0).sum())
+    return min(disc_pixels, max(2, round(0.3 * math.pi * r * r)))
+
+
+def detect_circles(image, threshold=127, min_area=None):
+    """Find the white blobs of one uint8 image, (H, W) or (H, W, 3): a list of (cx, cy, area).
+
+    1. grey = mean over channels; 2. binarise: grey > threshold; 3. 8-connected components
+    (cv2.connectedComponentsWithStats); 4. drop components with area < min_area (default:
+    default_min_area(W)); 5. centre = grey-weighted centroid of the component's pixels, so a drawn
+    disc gives its exact integer centre. cx is the column, cy the row; sorted by cx.
+    """
+    image = np.asarray(image)
+    if image.ndim not in (2, 3):
+        raise ValueError(f"detect_circles expects (H, W) or (H, W, 3), got shape {image.shape}")
+    grey = image.astype(np.float64).mean(axis=2) if image.ndim == 3 else image.astype(np.float64)
+    if min_area is None:
+        min_area = default_min_area(grey.shape[1])
+    mask = (grey > threshold).astype(np.uint8)                                  # (H, W) in {0, 1}
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)  # label 0 = background
+    rows, cols = np.indices(grey.shape)
+    weight = np.where(labels > 0, grey, 0.0).ravel()
+    mass = np.bincount(labels.ravel(), weights=weight, minlength=n)             # (n,) sum of grey
+    sum_x = np.bincount(labels.ravel(), weights=weight * cols.ravel(), minlength=n)
+    sum_y = np.bincount(labels.ravel(), weights=weight * rows.ravel(), minlength=n)
+    found = [(float(sum_x[k] / mass[k]), float(sum_y[k] / mass[k]), int(stats[k, cv2.CC_STAT_AREA]))
+             for k in range(1, n) if stats[k, cv2.CC_STAT_AREA] >= min_area]
+    return sorted(found)
+
+
+def circle_stats(images, band=MIDDLE_BAND, threshold=127, min_area=None):
+    """Detect circles in every image of a uint8 (N, S, S, 3) batch and score the batch.
+
+    Per sample (arrays of length N): n_circles; cx, cy, z (NaN unless exactly one circle);
+    in_middle (exactly one circle and z in band). Aggregates: accuracy = mean(in_middle), the
+    paper's "accuracy"; bad_fraction = fraction with 0 or >= 2 circles; n; n_middle; size; band.
+    A sample with two circles never counts as accurate, even when one of them is in the band.
+    """
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3 or images.shape[1] != images.shape[2]:
+        raise ValueError(f"circle_stats expects uint8 (N, S, S, 3), got {images.dtype} {images.shape}")
+    n, size = images.shape[0], images.shape[2]
+    n_circles = np.zeros(n, dtype=np.int64)
+    cx, cy = np.full(n, np.nan), np.full(n, np.nan)
+    for i, image in enumerate(images):
+        found = detect_circles(image, threshold, min_area)
+        n_circles[i] = len(found)
+        if len(found) == 1:
+            cx[i], cy[i] = found[0][:2]
+    z = normalized_x(cx, size)                                  # NaN stays NaN
+    with np.errstate(invalid="ignore"):
+        in_middle = (n_circles == 1) & (z >= band[0]) & (z <= band[1])
+    return dict(n=n, size=size, band=tuple(band), n_circles=n_circles, cx=cx, cy=cy, z=z,
+                in_middle=in_middle, n_middle=int(in_middle.sum()),
+                accuracy=float(in_middle.mean()) if n else float("nan"),
+                bad_fraction=float((n_circles != 1).mean()) if n else float("nan"))
+
+
+def write_circles_csv(stats, path):
+    """One row per sample: index, n_circles, cx, cy, z, in_middle (0/1); NaN written as 'nan'."""
+    lines = ["index,n_circles,cx,cy,z,in_middle"]
+    for i in range(stats["n"]):
+        lines.append(f"{i},{stats['n_circles'][i]},{stats['cx'][i]:.4f},{stats['cy'][i]:.4f},"
+                     f"{stats['z'][i]:.6f},{int(stats['in_middle'][i])}")
+    write_bytes_atomically(path, ("\n".join(lines) + "\n").encode())
+
+
+def _save_figure(fig, path):
+    """Render a matplotlib Figure (no pyplot, no global backend) to PNG, written atomically."""
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    write_bytes_atomically(path, buf.getvalue())
+
+
+def plot_centre_histogram(z_values, path, size, title):
+    """Histogram of circle-centre z in [0, 1], one bin per pixel column of an S-wide image.
+
+    Grey shading: the training bands (left / right columns of toy_circles); green lines: MIDDLE_BAND.
+    NaNs (samples without exactly one circle) are left out.
+    """
+    z = np.asarray(z_values, dtype=np.float64)
+    z = z[np.isfinite(z)]
+    fig = Figure(figsize=(7, 3.5))
+    ax = fig.add_subplot()
+    for region in ("left", "right"):                            # column c covers z in [c/S, (c+1)/S]
+        xs, _ = grid_positions(size, region)
+        ax.axvspan(xs.min() / size, (xs.max() + 1) / size, color="0.85", zorder=0,
+                   label="training bands" if region == "left" else None)
+    for edge in MIDDLE_BAND:
+        ax.axvline(edge, color="green", linestyle="--", label="middle band" if edge == MIDDLE_BAND[0] else None)
+    ax.hist(z, bins=size, range=(0.0, 1.0), color="tab:blue")
+    ax.set_xlim(0.0, 1.0)
+    ax.set_xlabel("normalised centre x, z = (cx + 0.5) / S")
+    ax.set_ylabel("number of samples")
+    ax.set_title(title)
+    ax.legend(loc="upper center")
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scores: histogram against uniform (Section 5.1, Table 1, App. B)
+
+def histogram_vs_uniform(scores, bins=100, range=(0.0, 1.0)):
+    """Compare the histogram of scores on `range` with the uniform distribution over the same bins.
+
+    p = counts / sum (np.histogram: right edge in the last bin). Returns dict(mse, kld, counts,
+    edges, bins, range) with
+      mse = sqrt(sum_i (1/bins - p_i)^2)      the paper's "MSE", really an L2 norm (released code);
+      kld = sum_{p_i > 0} p_i ln(bins p_i)   App. B: KL(p_hist || uniform), in nats.
+    Scores outside `range` are refused (np.histogram would drop them silently).
+    """
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    lo, hi = float(range[0]), float(range[1])
+    if scores.size == 0 or not np.all(np.isfinite(scores)):
+        raise ValueError("histogram_vs_uniform needs a non-empty array of finite scores")
+    if scores.min() < lo or scores.max() > hi:
+        raise ValueError(f"scores span [{scores.min():g}, {scores.max():g}], outside the range [{lo:g}, {hi:g}]")
+    counts, edges = np.histogram(scores, bins=bins, range=(lo, hi))
+    p = counts / counts.sum()
+    mse = math.sqrt(np.sum((1.0 / bins - p) ** 2))
+    nz = p > 0                                                  # 0 ln 0 = 0
+    kld = float(np.sum(p[nz] * np.log(bins * p[nz])))
+    return dict(mse=float(mse), kld=kld, counts=counts, edges=edges, bins=bins, range=(lo, hi))
+
+
+def histogram_metrics(scores, bins=100):
+    """Both range conventions: dict(unit=..., data=...), each a histogram_vs_uniform result.
+
+    unit: bins over [0, 1], what the paper's text describes.
+    data: bins over [min score, max score], matplotlib's plt.hist default, which the released code
+          (and so the paper's reported numbers) used.
+    """
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    unit = histogram_vs_uniform(scores, bins, (0.0, 1.0))
+    data = histogram_vs_uniform(scores, bins, (scores.min(), scores.max()))
+    return dict(unit=unit, data=data)
+
+
+def plot_histogram_vs_uniform(scores, path, title, bins=100):
+    """PNG: fraction of scores per bin on [0, 1] against the uniform level 1/bins, metrics in the legend."""
+    m = histogram_metrics(scores, bins)
+    unit, data = m["unit"], m["data"]
+    fig = Figure(figsize=(7, 3.5))
+    ax = fig.add_subplot()
+    p = unit["counts"] / unit["counts"].sum()
+    ax.stairs(p, unit["edges"], fill=True, color="tab:blue",
+              label=f"samples (n={int(unit['counts'].sum())}): MSE {unit['mse']:.3f}, KLD {unit['kld']:.3f}"
+                    f" [data range: {data['mse']:.3f}, {data['kld']:.3f}]")
+    ax.axhline(1.0 / bins, color="red", linestyle="--", label=f"uniform (1/{bins})")
+    ax.set_xlim(0.0, 1.0)
+    ax.set_xlabel("score")
+    ax.set_ylabel("fraction of samples per bin")
+    ax.set_title(title)
+    ax.legend(loc="upper center", fontsize=8)
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+def _fail(message):
+    """Stop with one line on stderr and exit status 1 (no traceback)."""
+    raise SystemExit(f"evaluate.py: {message}")
+
+
+def _write_json(obj, path):
+    write_bytes_atomically(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def _load_samples(path):
+    """The uint8 (N, S, S, 3) array under key 'images' of an .npz file, or a one-line failure."""
+    if not os.path.isfile(path):
+        _fail(f"--samples {path}: no such file (expected an .npz with key 'images')")
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic != b"PK\x03\x04":  # an .npz is a zip archive; np.load would call anything else "pickled"
+        _fail(f"--samples {path}: not an .npz (zip) archive (expected an .npz with key 'images')")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except Exception as err:  # a damaged zip
+        _fail(f"--samples {path}: cannot read as .npz ({type(err).__name__}: {err})".replace("\n", " "))
+    with archive:
+        if "images" not in archive.files:
+            _fail(f"--samples {path}: no key 'images' (keys: {', '.join(archive.files) or 'none'})")
+        try:
+            images = archive["images"]
+        except Exception as err:  # a damaged member
+            _fail(f"--samples {path}: cannot read 'images' ({type(err).__name__}: {err})".replace("\n", " "))
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3 or images.shape[1] != images.shape[2] \
+            or images.shape[0] == 0:
+        _fail(f"--samples {path}: 'images' must be uint8 (N, S, S, 3) with N >= 1, got {images.dtype} {images.shape}")
+    return images
+
+
+def _load_scores(path):
+    """A 1-D float array of scores in [0, 1] from .npy or a one-column .csv (optional header)."""
+    if not os.path.isfile(path):
+        _fail(f"--scores {path}: no such file (expected .npy or one-column .csv)")
+    if path.endswith(".npy"):
+        try:
+            scores = np.load(path, allow_pickle=False)
+        except Exception as err:
+            _fail(f"--scores {path}: cannot read as .npy ({type(err).__name__}: {err})".replace("\n", " "))
+        if scores.ndim == 2 and scores.shape[1] == 1:
+            scores = scores[:, 0]
+        if scores.ndim != 1 or not np.issubdtype(scores.dtype, np.number):
+            _fail(f"--scores {path}: expected a 1-D numeric array, got {scores.dtype} {scores.shape}")
+    elif path.endswith(".csv"):
+        with open(path) as fh:
+            rows = [(k, line.strip()) for k, line in enumerate(fh, 1) if line.strip()]
+        values = []
+        for i, (k, line) in enumerate(rows):
+            fields = line.split(",")
+            if len(fields) != 1:
+                _fail(f"--scores {path}: line {k} has {len(fields)} columns, expected one")
+            try:
+                values.append(float(fields[0]))
+            except ValueError:
+                if i > 0:  # only the first line may be a header
+                    _fail(f"--scores {path}: line {k}: {fields[0]!r} is not a number")
+        scores = np.asarray(values, dtype=np.float64)
+    else:
+        _fail(f"--scores {path}: unknown extension (expected .npy or one-column .csv)")
+    scores = scores.astype(np.float64)
+    if scores.size == 0:
+        _fail(f"--scores {path}: no scores")
+    if not np.all(np.isfinite(scores)):
+        _fail(f"--scores {path}: {int((~np.isfinite(scores)).sum())} scores are NaN or infinite, expected values in [0, 1]")
+    if scores.min() < 0.0 or scores.max() > 1.0:
+        _fail(f"--scores {path}: scores must lie in [0, 1], got [{scores.min():g}, {scores.max():g}]")
+    return scores
+
+
+def run_circles(args):
+    images = _load_samples(args.samples)
+    stats = circle_stats(images, threshold=args.threshold)
+    counts = np.bincount(np.minimum(stats["n_circles"], 3), minlength=4)  # 0, 1, 2, 3+
+    summary = dict(samples=args.samples, n=stats["n"], size=stats["size"], band=list(stats["band"]),
+                   threshold=args.threshold, min_area=default_min_area(stats["size"]),
+                   accuracy=stats["accuracy"], bad_fraction=stats["bad_fraction"], n_middle=stats["n_middle"],
+                   n_circles_counts={"0": int(counts[0]), "1": int(counts[1]), "2": int(counts[2]), "3+": int(counts[3])})
+    _write_json(summary, os.path.join(args.out, "stats.json"))
+    write_circles_csv(stats, os.path.join(args.out, "circles.csv"))
+    plot_centre_histogram(stats["z"], os.path.join(args.out, "centre_hist.png"), stats["size"],
+                          f"circle centres of {stats['n']} samples: accuracy {stats['accuracy']:.1%}")
+    print(f"{stats['n']} samples of {stats['size']}x{stats['size']}: accuracy (one circle, z in "
+          f"[{stats['band'][0]}, {stats['band'][1]}]) {stats['accuracy']:.2%}, "
+          f"0 or >= 2 circles {stats['bad_fraction']:.2%}")
+    print(f"wrote {args.out}/stats.json, circles.csv, centre_hist.png")
+
+
+def run_scores(args):
+    scores = _load_scores(args.scores)
+    m = histogram_metrics(scores, args.bins)
+    as_json = lambda h: dict(range=list(h["range"]), mse=h["mse"], kld=h["kld"], counts=h["counts"].tolist())
+    _write_json(dict(scores=args.scores, n=int(scores.size), bins=args.bins,
+                     unit=as_json(m["unit"]), data=as_json(m["data"])), os.path.join(args.out, "metrics.json"))
+    plot_histogram_vs_uniform(scores, os.path.join(args.out, "score_hist.png"),
+                              f"{scores.size} scores against uniform", args.bins)
+    for name in ("unit", "data"):
+        h = m[name]
+        print(f"{name:4s} range [{h['range'][0]:.4g}, {h['range'][1]:.4g}]: MSE {h['mse']:.4f}, KLD {h['kld']:.4f}")
+    print(f"wrote {args.out}/metrics.json, score_hist.png")
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Measure interpolation: circle accuracy or histogram vs uniform.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("circles", help="detect circles in generated samples (Section 5.5)")
+    p.add_argument("--samples", required=True, help=".npz with key 'images', uint8 (N, S, S, 3)")
+    p.add_argument("--out", required=True, help="output folder: stats.json, circles.csv, centre_hist.png")
+    p.add_argument("--threshold", type=int, default=127, help="grey level above which a pixel is white")
+    p.set_defaults(run=run_circles)
+    p = sub.add_parser("scores", help="histogram of scores in [0, 1] against uniform (Table 1, App. B)")
+    p.add_argument("--scores", required=True, help=".npy (1-D) or one-column .csv of scores in [0, 1]")
+    p.add_argument("--out", required=True, help="output folder: metrics.json, score_hist.png")
+    p.add_argument("--bins", type=_positive_int, default=100, help="histogram bins (the paper: 100)")
+    p.set_defaults(run=run_scores)
+    args = parser.parse_args(argv)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()

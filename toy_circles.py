@@ -1,0 +1,212 @@
+"""The toy data set of the paper: one white disc on black, seen only near the left and right edges.
+
+Paper Section 5.5 and Fig. 7a. Each image is S x S RGB (S = 64 in the paper), black background, with
+one white (255) filled disc and no anti-aliasing: a pixel (row, col) is white when
+(col - cx)^2 + (row - cy)^2 <= r^2. With r = 2 that is 13 pixels inside a 5 x 5 box.
+
+Training set (every grid position, no randomness): centres x in {2..11} U {52..61}, y in {2..61},
+so 20 * 60 = 1200 images. Label = 1{x >= 32} (0 = left, 1 = right), the paper's 1{z > 1/2}.
+Training uses random horizontal flips: a flip maps column c to S - 1 - c, which maps the left band
+exactly onto the right band, so it also swaps the label.
+
+Normalised centre coordinate (Fig. 7a's z): z = (cx + 0.5) / S, the centre of pixel column cx
+measured in image widths. The training bands are then z <= 0.18 and z >= 0.82 (11.5/64 and
+52.5/64), symmetric under the flip (z -> 1 - z), and the unseen middle band used for evaluation is
+z in [0.2, 0.8] (MIDDLE_BAND), i.e. columns 13..50 at S = 64.
+
+Smaller images for the CPU preset: S must be 64 / k for an integer k (64, 32, 16, ...). With
+f = S / 64, the radius is r = 2 f and every 64-pixel centre c maps to floor(c * f), duplicates
+removed. At S = 32: r = 1 (a 5-pixel plus shape), x in {1..5} U {26..30}, y in {1..30}, so
+10 * 30 = 300 images; the middle band is columns 6..25. At S = 16, r = 0.5 is a single pixel.
+floor keeps the flip symmetry: S - 1 - floor(c f) = floor((63 - c) f) for integer 1 / f.
+
+This file also holds save_grid, the one PNG image-grid writer of the project.
+
+Run:  python toy_circles.py --out out/circles --size 32 --region train
+"""
+import argparse
+import math
+import os
+import tempfile
+
+import cv2
+import numpy as np
+import torch
+
+PAPER_SIZE = 64                 # the paper's image side
+PAPER_RADIUS = 2.0              # disc radius at 64 x 64 (Section 5.5: "a radius of two pixels")
+LEFT_X_64 = range(2, 12)        # x in {2..11}
+RIGHT_X_64 = range(52, 62)      # x in {52..61}
+Y_64 = range(2, 62)             # y in {2..61}
+MIDDLE_BAND = (0.2, 0.8)        # unseen band of z used for the "accuracy" of Section 5.5
+REGIONS = ("train", "middle", "all", "left", "right")
+
+
+def check_size(size):
+    """Refuse sizes that are not 64 / k for an integer k (the grid mapping needs an integer k)."""
+    if not isinstance(size, (int, np.integer)) or size < 1 or PAPER_SIZE % size != 0:
+        raise ValueError(f"image size must be 64 / k for an integer k (64, 32, 16, ...), got {size!r}")
+    return int(size)
+
+
+def default_radius(size):
+    """r = 2 * S / 64: the paper's radius scaled with the image (1.0 at S = 32)."""
+    return PAPER_RADIUS * size / PAPER_SIZE
+
+
+def normalized_x(cx, size):
+    """z = (cx + 0.5) / S: the pixel-centre x coordinate in image widths (works on arrays)."""
+    return (np.asarray(cx, dtype=np.float64) + 0.5) / size
+
+
+def _disc_masks(size, cxs, cys, radius):
+    """(N, S, S) bool masks, True where (col - cx)^2 + (row - cy)^2 <= r^2."""
+    cxs = np.asarray(cxs, dtype=np.int64).reshape(-1, 1, 1)
+    cys = np.asarray(cys, dtype=np.int64).reshape(-1, 1, 1)
+    grid = np.arange(size)
+    d2 = (grid[None, None, :] - cxs) ** 2 + (grid[None, :, None] - cys) ** 2  # (N, S rows, S cols)
+    return d2 <= radius * radius
+
+
+def draw_disc(size, cx, cy, radius):
+    """One (S, S, 3) uint8 image: black, with a white (255) disc centred on pixel (row cy, col cx)."""
+    mask = _disc_masks(size, [cx], [cy], radius)[0]
+    return np.repeat(mask[:, :, None], 3, axis=2).astype(np.uint8) * 255
+
+
+def grid_positions(size, region, radius=None):
+    """Every centre of a region, as two paired int64 arrays (xs, ys) of equal length N.
+
+    Order: x outer, y inner (x ascending, then y ascending). Regions:
+      "left" / "right": one training band, mapped from 64 pixels with floor(c * S / 64);
+      "train": left then right (1200 at 64, 300 at 32);
+      "middle": every column whose z lies in MIDDLE_BAND (never seen in training);
+      "all": every column with the disc inside the image, x in [floor r, S - 1 - floor r].
+    y always runs over the training rows (2..61 at 64, mapped like x). `radius` only matters for "all".
+    """
+    size = check_size(size)
+    if region not in REGIONS:
+        raise ValueError(f"region must be one of {REGIONS}, got {region!r}")
+    f = size / PAPER_SIZE
+    to_s = lambda cs: np.unique(np.floor(np.asarray(cs) * f).astype(np.int64))  # dedup, sorted
+    left, right, ys = to_s(LEFT_X_64), to_s(RIGHT_X_64), to_s(Y_64)
+    if region == "left":
+        xs = left
+    elif region == "right":
+        xs = right
+    elif region == "train":
+        xs = np.concatenate([left, right])
+    elif region == "middle":
+        cols = np.arange(size)
+        z = normalized_x(cols, size)
+        xs = cols[(z >= MIDDLE_BAND[0]) & (z <= MIDDLE_BAND[1])]
+    else:  # "all"
+        margin = int(math.floor(default_radius(size) if radius is None else radius))
+        xs = np.arange(margin, size - margin)
+    gx, gy = np.meshgrid(xs, ys, indexing="ij")  # (len(xs), len(ys)): x outer, y inner
+    return gx.reshape(-1).astype(np.int64), gy.reshape(-1).astype(np.int64)
+
+
+def make_circles(size=64, region="train", radius=None):
+    """The data set: dict(images uint8 (N,S,S,3), labels int64 (N,) = 1{cx >= S/2}, centres (N,2) = (x,y))."""
+    size = check_size(size)
+    r = default_radius(size) if radius is None else float(radius)
+    xs, ys = grid_positions(size, region, radius=r)
+    masks = _disc_masks(size, xs, ys, r)                           # (N, S, S)
+    images = np.repeat(masks[..., None], 3, axis=3).astype(np.uint8) * 255  # (N, S, S, 3)
+    labels = (xs >= size // 2).astype(np.int64)                    # Section 5.5: 1{z > 0.5}
+    return dict(images=images, labels=labels, centres=np.stack([xs, ys], axis=1))
+
+
+def to_tensor(images):
+    """uint8 (N, S, S, 3) in [0, 255] -> float32 tensor (N, 3, S, S) in [-1, 1] (v / 127.5 - 1)."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # (N, 3, S, S)
+    return x.to(torch.float32) / 127.5 - 1.0
+
+
+def to_uint8(x):
+    """float tensor (N, 3, S, S) in [-1, 1] -> uint8 array (N, S, S, 3): clamp, rescale, round."""
+    x = ((x.detach().float().clamp(-1.0, 1.0) + 1.0) * 127.5).round()
+    return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # (N, S, S, 3)
+
+
+def random_hflip(x, labels, generator):
+    """Flip each sample left-right with probability 1/2; a flipped sample's label swaps 0 <-> 1.
+
+    x: (B, C, H, W) tensor, labels: (B,) int tensor in {0, 1}; draws B uniforms from `generator`.
+    """
+    flip = torch.rand(x.shape[0], generator=generator, device=generator.device).to(x.device) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)  # column c -> W - 1 - c
+    labels = torch.where(flip, 1 - labels, labels)
+    return x, labels
+
+
+def write_bytes_atomically(path, data):
+    """Write bytes to path through a temporary file in the same folder and os.replace (no half files)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_grid(images, path, nrow=None, scale=1):
+    """Tile N uint8 images (N, H, W, 3) or (N, H, W) into one PNG, nrow images per row.
+
+    nrow defaults to ceil(sqrt(N)). Each tile is upscaled by `scale` (nearest neighbour), tiles are
+    separated by 1-pixel grey (128) lines, and empty cells are grey. The PNG is
+    (rows * H * scale + rows - 1) x (nrow * W * scale + nrow - 1) pixels, rows = ceil(N / nrow).
+    """
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = np.repeat(images[..., None], 3, axis=3)           # grey -> RGB
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3 or len(images) == 0:
+        raise ValueError(f"save_grid expects uint8 (N, H, W, 3) with N >= 1, got {images.dtype} {images.shape}")
+    n, h, w, _ = images.shape
+    nrow = int(nrow or math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / nrow)
+    th, tw = h * scale, w * scale                                  # tile size after upscaling
+    grid = np.full((rows * th + rows - 1, nrow * tw + nrow - 1, 3), 128, dtype=np.uint8)
+    tiles = images.repeat(scale, axis=1).repeat(scale, axis=2)     # (N, th, tw, 3)
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, nrow)
+        grid[r * (th + 1): r * (th + 1) + th, c * (tw + 1): c * (tw + 1) + tw] = tile
+    ok, png = cv2.imencode(".png", cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))  # cv2 wants BGR
+    if not ok:
+        raise RuntimeError(f"cv2 could not encode the grid for {path}")
+    write_bytes_atomically(path, png.tobytes())
+
+
+def _size_arg(text):
+    """argparse type: an integer image size 64 / k."""
+    try:
+        return check_size(int(text))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Write a grid PNG of the circles data set (paper Section 5.5).")
+    parser.add_argument("--out", required=True, help="output folder (created)")
+    parser.add_argument("--size", type=_size_arg, default=64, help="image side, 64 / k (64 = paper, 32 = CPU preset)")
+    parser.add_argument("--region", choices=REGIONS, default="train", help="which centres to draw")
+    args = parser.parse_args(argv)
+
+    data = make_circles(args.size, args.region)
+    xs, ys = data["centres"][:, 0], data["centres"][:, 1]
+    path = os.path.join(args.out, f"circles_{args.region}_{args.size}.png")
+    save_grid(data["images"], path, scale=max(1, PAPER_SIZE // args.size))  # small images shown at 64 px
+    print(f"{len(xs)} images of {args.size}x{args.size}, radius {default_radius(args.size):g}, region {args.region}")
+    print(f"labels: {int((data['labels'] == 0).sum())} left (0), {int((data['labels'] == 1).sum())} right (1)")
+    print(f"x in {sorted(set(xs.tolist()))}, y in {ys.min()}..{ys.max()}")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -32,6 +32,7 @@ Run it
 """
 import argparse
 import math
+import os
 
 import numpy as np
 import torch
@@ -429,6 +430,52 @@ class Diffusion:
             with torch.no_grad():
                 x = self.ddim_reverse_step(model, x, t)["sample"]
         return x
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: a trained model as one self-describing file
+# ----------------------------------------------------------------------------------------------
+
+def diffusion_from_config(d, respacing=None):
+    """A Diffusion from the dict every zsi checkpoint stores under "diffusion":
+    {schedule, T, learn_sigma, loss, respacing}. `respacing` overrides the stored one (e.g. "50"
+    to sample with 50 steps from a model trained on all T); "" or None keeps all T steps."""
+    spec = d.get("respacing") if respacing is None else respacing
+    kept = space_timesteps(d["T"], spec) if spec else None
+    return Diffusion(get_betas(d["schedule"], d["T"]), learn_sigma=d["learn_sigma"], loss=d["loss"], timesteps=kept)
+
+
+def save_checkpoint(path, obj):
+    """torch.save through a temporary file and os.replace: a crash never leaves half a checkpoint."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class CheckpointError(SystemExit):
+    """A checkpoint that is missing, unreadable or of the wrong kind: exits with its one-line message."""
+
+
+def load_checkpoint(path, kind=None):
+    """Load a zsi checkpoint (a dict with at least "kind"); refuse missing, truncated or wrong-kind files.
+
+    Every zsi checkpoint holds: kind ("ddpm" or "classifier"), model_config (rebuilds the network
+    with its class's constructor), the weights ("model", and "ema" when trained with EMA), and for
+    training checkpoints the optimizer, scaler, step, log and the run's configuration.
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated, or not a torch file at all
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}); it may be truncated") from None
+    if not isinstance(ckpt, dict) or "kind" not in ckpt:
+        raise CheckpointError(f"checkpoint {path} is not a zsi checkpoint (no 'kind' entry)")
+    if kind is not None and ckpt["kind"] != kind:
+        raise CheckpointError(f"checkpoint {path} holds a {ckpt['kind']!r} model, expected a {kind!r}")
+    return ckpt
 
 
 def main():

@@ -1,0 +1,451 @@
+"""train.py -- the one trainer and the experiment it runs.
+
+What this file is
+    1. A configuration (one dataclass; `--data circles` picks a named preset, `--paper` switches
+       every number to the paper's configuration for GPUs; both share every line of code).
+    2. The one training loop, `fit`, used for the DDPM and for the noisy classifier alike: fixed
+       number of steps, AdamW with linear warm-up, EMA, gradient clipping, mixed precision,
+       DistributedDataParallel under torchrun, atomic self-describing checkpoints and exact resume.
+    3. The circles experiment of the paper's Section 5.5: data -> DDPM -> noisy classifier(s) ->
+       multi-guided and unconditional sampling -> evaluation -> report.md.
+
+Run it
+    python train.py --data circles                      # CPU preset, writes runs/circles/
+    python train.py --data circles --paper              # the paper's configuration (GPU)
+    torchrun --nproc_per_node 2 train.py --data circles # several processes / GPUs
+    python train.py --help                              # every option, with its default
+
+Reproducibility
+    Every random draw of training step k on rank r comes from generators seeded with
+    (seed, stream, r, k). A resumed run therefore continues bit for bit without storing generator
+    states, on one process or many. Model initialisation is seeded with --seed.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # avoids a 12x slowdown on a shared CPU
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+import ddpm  # noqa: E402
+import toy_circles  # noqa: E402
+import unet  # noqa: E402
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Config:
+    """Every number of a run. Defaults are the CPU circles preset; PAPER_PRESETS holds the paper's."""
+    data: str = field(default="circles", metadata={"help": "data set preset", "choices": ["circles"]})
+    out: str = field(default="", metadata={"help": "output folder (default runs/<data>)"})
+    seed: int = field(default=0, metadata={"help": "fixes data order, noise, initialisation, sampling"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    threads: int = field(default=0, metadata={"help": "CPU threads (0: all cores, at most 8)"})
+    # --- data ---
+    image_size: int = field(default=32, metadata={"help": "circles are drawn at 64 and scaled (toy_circles.py)"})
+    # --- DDPM (App. A, C) ---
+    unet: str = field(default="cpu", metadata={"help": "U-Net preset in unet.py", "choices": sorted(unet.PRESETS)})
+    attention: str = field(default="", metadata={"help": "override attention resolutions, e.g. 16,8"})
+    T: int = field(default=1000, metadata={"help": "diffusion steps"})
+    schedule: str = field(default="cosine", metadata={"help": "noise schedule", "choices": ["cosine", "linear"]})
+    learn_sigma: bool = field(default=True, metadata={"help": "learned variance (Eq. 8)"})
+    loss: str = field(default="hybrid", metadata={"help": "training loss", "choices": ["hybrid", "simple", "kl"]})
+    train_respacing: str = field(default="", metadata={"help": "train on a respaced chain ('' = all T steps)"})
+    steps: int = field(default=3000, metadata={"help": "DDPM training steps"})
+    batch: int = field(default=64, metadata={"help": "global batch size"})
+    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
+    warmup: int = field(default=100, metadata={"help": "linear learning-rate warm-up steps"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    ema: float = field(default=0.999, metadata={"help": "EMA decay (with warm-up: min(ema, (1+k)/(10+k)))"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0 = off)"})
+    precision: str = field(default="fp32", metadata={"help": "fp16 needs CUDA", "choices": ["fp32", "fp16", "bf16"]})
+    log_every: int = field(default=50, metadata={"help": "steps between log lines"})
+    ckpt_every: int = field(default=500, metadata={"help": "steps between checkpoints"})
+    grid_every: int = field(default=1000, metadata={"help": "steps between EMA sample grids (0 = only at the end)"})
+    # --- sampling ---
+    sample_respacing: str = field(default="50", metadata={"help": "sampling steps, e.g. 50, 250, ddim50"})
+    sampler: str = field(default="ddpm", metadata={"help": "reverse process", "choices": ["ddpm", "ddim"]})
+    # --- run control (not part of a run's identity) ---
+    resume: bool = field(default=False, metadata={"help": "continue the run in --out from its checkpoints"})
+    overwrite: bool = field(default=False, metadata={"help": "start afresh in an --out that holds another run"})
+    stop_at: int = field(default=0, metadata={"help": "stop (with a checkpoint) after this step; 0 = never"})
+
+
+RUN_CONTROL = ("resume", "overwrite", "stop_at", "device", "threads", "out")  # may differ on resume
+
+PRESETS = {"circles": {}}  # the dataclass defaults are the circles CPU preset
+PAPER_PRESETS = {
+    # Section 5.5 with the authors' released circles config (PAPER_FACTS.md): 64x64, 128 channels,
+    # mult 1,2,3,4, 3 res blocks, attention at 16 and 8, T = 4000 cosine respaced to 250 steps for
+    # training, L_hybrid, AdamW 1e-4, batch 64, fp16, 30k steps, EMA 0.9999; 64 sampling steps.
+    "circles": dict(image_size=64, unet="paper", attention="16,8", T=4000, train_respacing="250",
+                    steps=30000, batch=64, lr=1e-4, warmup=0, ema=0.9999, precision="fp16",
+                    sample_respacing="64", ckpt_every=2000, grid_every=5000, log_every=200),
+}
+
+
+def parse_config(argv=None):
+    """Command line -> Config: --data picks a preset, --paper its GPU numbers, flags override both."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--paper", action="store_true", help="the paper's configuration (for GPUs)")
+    for f in dataclasses.fields(Config):
+        flag, meta = "--" + f.name.replace("_", "-"), dict(f.metadata)
+        if f.type is bool or isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=meta["help"])
+        else:
+            parser.add_argument(flag, type=type(f.default), default=None, **meta)
+    args = parser.parse_args(argv)
+    values = {**PRESETS[args.data or "circles"], **(PAPER_PRESETS[args.data or "circles"] if args.paper else {})}
+    values.update({k: v for k, v in vars(args).items() if v is not None and k != "paper"})
+    cfg = Config(**values)
+    cfg.out = cfg.out or os.path.join("runs", cfg.data + ("_paper" if args.paper else ""))
+    check_config(cfg, parser)
+    return cfg
+
+
+def check_config(cfg, parser):
+    """Refuse numbers that cannot work, naming the flag."""
+    positive = ["steps", "batch", "T", "image_size", "log_every", "ckpt_every"]
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if not 0.0 <= cfg.ema < 1.0:
+        parser.error(f"--ema must be in [0, 1), got {cfg.ema}")
+    if cfg.lr <= 0:
+        parser.error(f"--lr must be positive, got {cfg.lr}")
+    for name in ("train_respacing", "sample_respacing"):
+        spec = getattr(cfg, name)
+        if spec:
+            try:
+                ddpm.space_timesteps(cfg.T, spec)
+            except ValueError as e:
+                parser.error(f"--{name.replace('_', '-')}: {e}")
+    if os.path.isfile(cfg.out):
+        parser.error(f"--out {cfg.out} is a file; expected a folder")
+
+
+# ----------------------------------------------------------------------------------------------
+# Processes, devices, checkpoints
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Runtime:
+    """Where this process runs: rank and world size under torchrun, the device, autocast settings."""
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+
+def setup_runtime(cfg):
+    """Pick the device; join the process group when started by torchrun (nccl on CUDA, gloo on CPU)."""
+    if cfg.threads or not torch.cuda.is_available():
+        torch.set_num_threads(cfg.threads or min(8, os.cpu_count() or 1))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    wanted = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if wanted.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("train.py: --device cuda asked for, but no CUDA device is available; use --device cpu")
+    device = torch.device(wanted)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if cfg.precision == "fp16" and device.type != "cuda":
+        raise SystemExit("train.py: --precision fp16 needs a CUDA device; use --precision bf16 or fp32 on the CPU")
+    return Runtime(rank, world, device)
+
+
+def autocast(precision, device):
+    """The autocast context of a precision: fp32 -> none, bf16 -> bfloat16 (CPU or CUDA), fp16 -> CUDA float16."""
+    if precision == "fp32":
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def step_generator(seed, stream, rank, step, device):
+    """The generator for one training step: every draw of step k on rank r is a function of (seed, stream, r, k)."""
+    g = torch.Generator(device=device)
+    g.manual_seed(((seed * 1_000_003 + stream) * 1_009 + rank) * 10_000_019 + step)
+    return g
+
+
+# ----------------------------------------------------------------------------------------------
+# The one training loop
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class FitSettings:
+    """The optimisation numbers `fit` needs (a DDPM and a classifier each get their own)."""
+    steps: int
+    batch: int
+    lr: float
+    warmup: int = 0
+    weight_decay: float = 0.0
+    ema: float = 0.0            # 0 = no EMA copy
+    grad_clip: float = 1.0
+    precision: str = "fp32"
+    seed: int = 0
+    stream: int = 0             # separates the random streams of models trained with the same seed
+    log_every: int = 50
+    ckpt_every: int = 500
+    stop_at: int = 0
+
+
+def lr_at(step, s):
+    """Linear warm-up over s.warmup steps, then constant (the improved-DDPM recipe keeps lr fixed)."""
+    return s.lr * min(1.0, (step + 1) / s.warmup) if s.warmup > 0 else s.lr
+
+
+def fit(model, loss_fn, s, ckpt_path, rt, meta, identity, resume=False, on_step=None, desc="train"):
+    """Train `model` for s.steps steps of `loss_fn`; return (model, ema_model, log rows).
+
+    loss_fn(model, batch_size, generator) -> dict of per-example terms with a "loss" entry (B,).
+    meta     : what rebuilds the model (kind, model config, ...), stored in the checkpoint.
+    identity : the run's configuration; resuming from a checkpoint with another identity is refused.
+    on_step(step, ema_model): called on rank 0 after each step (sample grids, ...).
+    A checkpoint is written every s.ckpt_every steps, at s.stop_at and at the end; a checkpoint
+    whose step equals s.steps means the stage is done and is returned without training.
+    """
+    device = rt.device
+    model.to(device)
+    ema = _copy_for_ema(model) if s.ema > 0 else None
+    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=(s.precision == "fp16"))
+    start, log = 0, []
+    if os.path.exists(ckpt_path) and resume:
+        ckpt = ddpm.load_checkpoint(ckpt_path, meta["kind"])
+        if ckpt["identity"] != identity:
+            diff = sorted(k for k in identity if ckpt["identity"].get(k) != identity.get(k))
+            raise SystemExit(f"cannot resume from {ckpt_path}: it was trained with a different config "
+                             f"({', '.join(diff)}); use another --out or --overwrite")
+        model.load_state_dict(ckpt["model"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start, log = ckpt["step"], ckpt["log"]
+        if rt.main:
+            print(f"[{desc}] resumed from {ckpt_path} at step {start}/{s.steps}")
+    if start >= s.steps:
+        return model, ema, log
+    net = torch.nn.parallel.DistributedDataParallel(model) if rt.world > 1 else model
+    per_rank = max(1, s.batch // rt.world)
+    skipped = sum(row.get("skipped_now", 0) for row in log)
+
+    def checkpoint(step):
+        if rt.main:
+            ddpm.save_checkpoint(ckpt_path, dict(meta, identity=identity, step=step, log=log,
+                                            model=model.state_dict(), ema=ema.state_dict() if ema else None,
+                                            optimizer=opt.state_dict(), scaler=scaler.state_dict()))
+
+    bar = tqdm(range(start, s.steps), initial=start, total=s.steps, desc=desc, disable=not rt.main,
+               dynamic_ncols=True, mininterval=2.0)
+    t0, seen = time.time(), 0
+    for step in bar:
+        g = step_generator(s.seed, s.stream, rt.rank, step, device)
+        torch.manual_seed(int(torch.randint(2**62, (1,), generator=g, device=device)))  # dropout etc.
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, s)
+        with autocast(s.precision, device):
+            terms = loss_fn(net, per_rank, g)
+        loss = terms["loss"].float().mean()
+        # A non-finite loss skips the step on every rank (they must agree, or DDP would hang).
+        bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=device)
+        if rt.world > 1:
+            dist.all_reduce(bad)
+        opt.zero_grad(set_to_none=True)
+        if bad.item() == 0:
+            scaler.scale(loss).backward()
+            if s.grad_clip > 0:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            if ema is not None:
+                _update_ema(ema, model, min(s.ema, (1 + step) / (10 + step)))
+        else:
+            skipped += 1
+        seen += per_rank * rt.world
+        if (step + 1) % s.log_every == 0 or step + 1 == s.steps:
+            row = {k: float(v.detach().float().mean()) for k, v in terms.items()}
+            row.update(step=step + 1, lr=lr_at(step, s), skipped=skipped, img_per_s=seen / (time.time() - t0))
+            log.append(row)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", skipped=skipped, refresh=False)
+        if on_step is not None and rt.main:
+            on_step(step + 1, ema if ema is not None else model)
+        if (step + 1) % s.ckpt_every == 0 or step + 1 in (s.steps, s.stop_at):
+            checkpoint(step + 1)
+        if step + 1 == s.stop_at:
+            break
+    bar.close()
+    if rt.world > 1:
+        check_replicas(model, rt)
+    return model, ema, log
+
+
+def _copy_for_ema(model):
+    import copy
+    ema = copy.deepcopy(model).eval()
+    ema.requires_grad_(False)
+    return ema
+
+
+@torch.no_grad()
+def _update_ema(ema, model, decay):
+    """theta_ema <- decay theta_ema + (1 - decay) theta."""
+    for pe, p in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(p.detach(), 1.0 - decay)
+    for be, b in zip(ema.buffers(), model.buffers()):
+        be.copy_(b)
+
+
+def check_replicas(model, rt):
+    """Under DDP every rank must hold the same weights; compare a float64 checksum across ranks."""
+    total = torch.stack([p.detach().double().sum() + (p.detach().double() ** 2).sum() for p in model.parameters()]).sum()
+    sums = [torch.zeros_like(total) for _ in range(rt.world)]
+    dist.all_gather(sums, total)
+    if any(x.item() != sums[0].item() for x in sums):
+        raise RuntimeError(f"DDP replicas diverged: checksums {[x.item() for x in sums]}")
+    if rt.main:
+        print(f"DDP: {rt.world} replicas identical (checksum {sums[0].item():.10e})")
+
+
+# ----------------------------------------------------------------------------------------------
+# The DDPM stage
+# ----------------------------------------------------------------------------------------------
+
+def build_ddpm(cfg):
+    """The U-Net and the training-time diffusion of a config, plus the dict that rebuilds both."""
+    overrides = dict(image_size=cfg.image_size, learn_sigma=cfg.learn_sigma)
+    if cfg.attention:
+        overrides["attention_resolutions"] = tuple(int(r) for r in cfg.attention.split(","))
+    model = unet.build_unet(cfg.unet, **overrides)
+    d = dict(schedule=cfg.schedule, T=cfg.T, learn_sigma=cfg.learn_sigma, loss=cfg.loss,
+             respacing=cfg.train_respacing)
+    return model, ddpm.diffusion_from_config(d), d
+
+
+def ddpm_loss(diffusion, x0):
+    """loss_fn for fit: a random batch of training images (flipped at random), t ~ U{0..T-1}, eps ~ N(0, I)."""
+    def loss_fn(net, batch, g):
+        idx = torch.randint(len(x0), (batch,), generator=g, device=g.device).to(x0.device)
+        x, _ = toy_circles.random_hflip(x0[idx], torch.zeros(batch, dtype=torch.long, device=x0.device), g)
+        t = torch.randint(diffusion.num_timesteps, (batch,), generator=g, device=g.device).to(x0.device)
+        noise = torch.randn(x.shape, generator=g, device=g.device).to(x0.device)
+        return diffusion.training_losses(net, x, t, noise)
+    return loss_fn
+
+
+def fit_settings(cfg, **changes):
+    s = FitSettings(steps=cfg.steps, batch=cfg.batch, lr=cfg.lr, warmup=cfg.warmup, weight_decay=cfg.weight_decay,
+                    ema=cfg.ema, grad_clip=cfg.grad_clip, precision=cfg.precision, seed=cfg.seed,
+                    log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, stop_at=cfg.stop_at)
+    return dataclasses.replace(s, **changes)
+
+
+def sample_images(model, diffusion_dict, respacing, n, rt, seed, batch=256, cond_fn=None, sampler="ddpm",
+                  precision="fp32", progress=False):
+    """n samples in [-1, 1] from a trained denoiser, in batches, seeded: (n, C, H, W) on the CPU."""
+    d = ddpm.diffusion_from_config(diffusion_dict, respacing)
+    C, S = model.config["in_channels"], model.config["image_size"]
+    g = torch.Generator(device=rt.device).manual_seed(seed)
+    out = []
+    model.eval()
+    for start in range(0, n, batch):
+        b = min(batch, n - start)
+        with autocast(precision, rt.device):
+            x = d.sample_loop(model, (b, C, S, S), sampler=sampler, cond_fn=cond_fn, generator=g,
+                              device=rt.device, progress=progress)
+        out.append(x.float().cpu())
+    return torch.cat(out)
+
+
+def train_ddpm(cfg, rt, images):
+    """Stage 1: the unconditional DDPM on the training images; writes ddpm.pt and EMA sample grids."""
+    torch.manual_seed(cfg.seed)
+    model, diffusion, d = build_ddpm(cfg)
+    if rt.main:
+        print(f"DDPM: U-Net '{cfg.unet}' {unet.count_params(model):,} parameters, T = {cfg.T} {cfg.schedule}, "
+              f"loss {cfg.loss}, {len(images)} training images of {cfg.image_size}x{cfg.image_size}")
+    x0 = toy_circles.to_tensor(images).to(rt.device)
+    grid_dir = os.path.join(cfg.out, "grids")
+
+    def on_step(step, ema_model):
+        if (cfg.grid_every and step % cfg.grid_every == 0) or step == cfg.steps:
+            x = sample_images(ema_model, d, cfg.sample_respacing, 16, rt, seed=cfg.seed, sampler=cfg.sampler)
+            toy_circles.save_grid(toy_circles.to_uint8(x), os.path.join(grid_dir, f"ddpm_step{step:06d}.png"),
+                                  nrow=4, scale=max(1, 128 // cfg.image_size))
+            ema_model.train(False)
+
+    meta = dict(kind="ddpm", model_config=model.config, diffusion=d)
+    identity = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUN_CONTROL}
+    model, ema, log = fit(model, ddpm_loss(diffusion, x0), fit_settings(cfg), os.path.join(cfg.out, "ddpm.pt"),
+                          rt, meta, identity, resume=cfg.resume, on_step=on_step, desc="DDPM")
+    return ema, d, log
+
+
+# ----------------------------------------------------------------------------------------------
+# The experiment
+# ----------------------------------------------------------------------------------------------
+
+def prepare_out(cfg):
+    """Create --out; refuse to mix runs: an --out holding another run needs --resume or --overwrite."""
+    config_path = os.path.join(cfg.out, "config.json")
+    if os.path.exists(config_path) and not (cfg.resume or cfg.overwrite):
+        raise SystemExit(f"train.py: --out {cfg.out} already holds a run (config.json); pass --resume to "
+                         f"continue it, --overwrite to start afresh, or choose another --out")
+    if cfg.overwrite and not cfg.resume:
+        for name in ("ddpm.pt",):
+            if os.path.exists(os.path.join(cfg.out, name)):
+                os.remove(os.path.join(cfg.out, name))
+    os.makedirs(cfg.out, exist_ok=True)
+    text = json.dumps(dataclasses.asdict(cfg), indent=2)
+    tmp = config_path + ".tmp"
+    with open(tmp, "w") as fh:
+        fh.write(text + "\n")
+    os.replace(tmp, config_path)
+
+
+def run(cfg):
+    rt = setup_runtime(cfg)
+    if rt.main:
+        prepare_out(cfg)
+        print(f"zsi | data {cfg.data} | out {os.path.abspath(cfg.out)} | device {rt.device} x{rt.world} | "
+              f"precision {cfg.precision}")
+        print(json.dumps(dataclasses.asdict(cfg)))
+    if rt.world > 1:
+        dist.barrier()
+    data = toy_circles.make_circles(cfg.image_size, "train")
+    t0 = time.time()
+    ema, d, log = train_ddpm(cfg, rt, data["images"])
+    if rt.main and log:
+        print(f"DDPM done in {time.time() - t0:.0f} s: final loss {log[-1]['loss']:.4f}, "
+              f"{log[-1]['img_per_s']:.0f} img/s; grids in {os.path.join(cfg.out, 'grids')}")
+    if rt.world > 1:
+        dist.destroy_process_group()
+
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -83,7 +83,9 @@ class Config:
     stop_at: int = field(default=0, metadata={"help": "stop (with a checkpoint) after this step; 0 = never"})
 
 
-RUN_CONTROL = ("resume", "overwrite", "stop_at", "device", "threads", "out")  # may differ on resume
+# Options that may change when a run is resumed. --steps may grow: the learning rate does not
+# depend on the total, so 2000 steps then 1000 more equal 3000 steps in one go.
+RUN_CONTROL = ("resume", "overwrite", "stop_at", "device", "threads", "out", "steps")
 
 PRESETS = {"circles": {}}  # the dataclass defaults are the circles CPU preset
 PAPER_PRESETS = {
@@ -96,9 +98,16 @@ PAPER_PRESETS = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag costs one line (the error), not the whole usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def parse_config(argv=None):
     """Command line -> Config: --data picks a preset, --paper its GPU numbers, flags override both."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--paper", action="store_true", help="the paper's configuration (for GPUs)")
     for f in dataclasses.fields(Config):
         flag, meta = "--" + f.name.replace("_", "-"), dict(f.metadata)
@@ -406,21 +415,30 @@ def train_ddpm(cfg, rt, images):
 # ----------------------------------------------------------------------------------------------
 
 def prepare_out(cfg):
-    """Create --out; refuse to mix runs: an --out holding another run needs --resume or --overwrite."""
+    """Create --out and write config.json; never mix two runs in one folder.
+
+    An --out that already holds a run (config.json) needs --resume (same configuration: checked
+    here, before anything is written) or --overwrite (start afresh; files are replaced as the new
+    run writes them).
+    """
     config_path = os.path.join(cfg.out, "config.json")
-    if os.path.exists(config_path) and not (cfg.resume or cfg.overwrite):
-        raise SystemExit(f"train.py: --out {cfg.out} already holds a run (config.json); pass --resume to "
-                         f"continue it, --overwrite to start afresh, or choose another --out")
-    if cfg.overwrite and not cfg.resume:
-        for name in ("ddpm.pt",):
-            if os.path.exists(os.path.join(cfg.out, name)):
-                os.remove(os.path.join(cfg.out, name))
+    identity = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUN_CONTROL}
+    if os.path.exists(config_path):
+        if not (cfg.resume or cfg.overwrite):
+            raise SystemExit(f"train.py: --out {cfg.out} already holds a run (config.json); pass --resume to "
+                             f"continue it, --overwrite to start afresh, or choose another --out")
+        if cfg.resume:
+            try:
+                with open(config_path) as fh:
+                    old = json.load(fh)
+            except (OSError, ValueError):
+                raise SystemExit(f"train.py: {config_path} is unreadable; cannot --resume from it") from None
+            diff = sorted(k for k in identity if old.get(k) != identity[k])
+            if diff:
+                raise SystemExit(f"train.py: cannot --resume {cfg.out}: its run used other values for "
+                                 f"{', '.join('--' + k.replace('_', '-') for k in diff)}")
     os.makedirs(cfg.out, exist_ok=True)
-    text = json.dumps(dataclasses.asdict(cfg), indent=2)
-    tmp = config_path + ".tmp"
-    with open(tmp, "w") as fh:
-        fh.write(text + "\n")
-    os.replace(tmp, config_path)
+    toy_circles.write_bytes_atomically(config_path, (json.dumps(dataclasses.asdict(cfg), indent=2) + "\n").encode())
 
 
 def run(cfg):

@@ -1,0 +1,136 @@
+"""The trainer: smoke runs, exact resume, DDP replicas, bf16 on the CPU, refusal of bad input."""
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ddpm
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--data", "circles", "--unet", "tiny", "--image-size", "16", "--T", "100", "--batch", "8",
+        "--log-every", "5", "--ckpt-every", "5", "--grid-every", "0", "--sample-respacing", "5", "--threads", "1"]
+ENV = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1")
+
+
+def run_cli(*args, script="train.py", timeout=300):
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
+                          timeout=timeout, env=ENV, cwd=ROOT)
+
+
+def digest(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_twenty_step_smoke_run(tmp_path):
+    out = tmp_path / "run"
+    r = run_cli(*TINY, "--steps", "20", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    ckpt = ddpm.load_checkpoint(str(out / "ddpm.pt"), "ddpm")
+    assert ckpt["step"] == 20 and [row["step"] for row in ckpt["log"]] == [5, 10, 15, 20]
+    assert all(torch.isfinite(torch.tensor(row["loss"])) for row in ckpt["log"])
+    assert ckpt["model_config"]["image_size"] == 16 and ckpt["diffusion"]["T"] == 100
+    assert set(ckpt) >= {"model", "ema", "optimizer", "scaler", "identity", "model_config", "diffusion"}
+    assert (out / "config.json").exists() and (out / "grids" / "ddpm_step000020.png").exists()
+    assert str(out) in r.stdout                       # the output folder is printed
+    # the EMA weights differ from the raw ones after training, and rebuild a working U-Net
+    import unet
+    model = unet.UNet(**ckpt["model_config"])
+    model.load_state_dict(ckpt["ema"])
+    assert model(torch.zeros(1, 3, 16, 16), torch.tensor([3])).shape == (1, 6, 16, 16)
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_cli(*TINY, "--steps", "12", "--out", str(a)).returncode == 0
+    r = run_cli(*TINY, "--steps", "12", "--out", str(b), "--stop-at", "7")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert ddpm.load_checkpoint(str(b / "ddpm.pt"))["step"] == 7
+    r = run_cli(*TINY, "--steps", "12", "--out", str(b), "--resume")
+    assert r.returncode == 0 and "resumed" in r.stdout + r.stderr
+    ca, cb = ddpm.load_checkpoint(str(a / "ddpm.pt")), ddpm.load_checkpoint(str(b / "ddpm.pt"))
+    assert cb["step"] == 12
+    for key in ("model", "ema"):
+        for name in ca[key]:
+            assert torch.equal(ca[key][name], cb[key][name]), f"{key}.{name} differs after resume"
+    sa, sb = ca["optimizer"]["state"], cb["optimizer"]["state"]
+    assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
+
+
+def test_bad_input_is_refused_with_one_line(tmp_path):
+    out = tmp_path / "run"
+    assert run_cli(*TINY, "--steps", "5", "--out", str(out)).returncode == 0
+    before = digest(out / "ddpm.pt")
+    cases = [
+        (["--data", "faces"], "invalid choice"),
+        (["--steps", "0", "--out", str(tmp_path / "x")], "--steps must be positive"),
+        (["--out", str(out / "config.json")], "is a file"),
+        (["--steps", "5", "--out", str(out)], "already holds a run"),
+        (["--steps", "5", "--out", str(out), "--resume", "--lr", "0.5"], "--lr"),
+        (["--steps", "5", "--out", str(out), "--precision", "fp16"], "fp16 needs a CUDA device"),
+        (["--sample-respacing", "ddim999", "--out", str(tmp_path / "y")], "--sample-respacing"),
+    ]
+    for args, message in cases:
+        r = run_cli(*TINY, *args)
+        assert r.returncode != 0, args
+        assert message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert digest(out / "ddpm.pt") == before          # nothing was overwritten
+    # A truncated checkpoint: one line, non-zero exit.
+    data = open(out / "ddpm.pt", "rb").read()
+    open(out / "ddpm.pt", "wb").write(data[: len(data) // 2])
+    r = run_cli(*TINY, "--steps", "10", "--out", str(out), "--resume")
+    assert r.returncode != 0 and "truncated" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bf16_autocast_on_cpu(tmp_path):
+    r = run_cli(*TINY, "--steps", "6", "--precision", "bf16", "--out", str(tmp_path / "bf"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    log = ddpm.load_checkpoint(str(tmp_path / "bf" / "ddpm.pt"))["log"]
+    assert all(row["loss"] == row["loss"] and row["loss"] < 10 for row in log)   # finite and sane
+
+
+def test_ddp_two_processes_keep_replicas_identical(tmp_path):
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    r = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", os.path.join(ROOT, "train.py"),
+                        *TINY, "--steps", "6", "--out", str(tmp_path / "ddp")],
+                       capture_output=True, text=True, timeout=300, env=ENV, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "DDP: 2 replicas identical" in r.stdout
+    assert ddpm.load_checkpoint(str(tmp_path / "ddp" / "ddpm.pt"))["step"] == 6
+
+
+def test_nonfinite_loss_skips_the_step_and_is_counted(tmp_path):
+    model = torch.nn.Linear(2, 1)
+    calls = []
+
+    def loss_fn(net, batch, g):
+        calls.append(1)
+        x = torch.randn(batch, 2, generator=g)
+        loss = net(x).squeeze(1) ** 2
+        return dict(loss=loss * float("nan") if len(calls) == 3 else loss)
+
+    weights = []
+    s = train.FitSettings(steps=5, batch=4, lr=0.1, log_every=1, ckpt_every=100)
+    rt = train.Runtime(0, 1, torch.device("cpu"))
+    _, _, log = train.fit(model, loss_fn, s, str(tmp_path / "m.pt"), rt, dict(kind="test"), {},
+                          on_step=lambda step, m: weights.append(m.weight.detach().clone()))
+    assert [row["skipped"] for row in log] == [0, 0, 1, 1, 1]
+    assert torch.equal(weights[1], weights[2])            # step 3 changed nothing
+    assert not torch.equal(weights[2], weights[3])
+
+
+def test_warmup_and_ema_formulas():
+    s = train.FitSettings(steps=10, batch=1, lr=1e-3, warmup=100)
+    assert train.lr_at(0, s) == pytest.approx(1e-5) and train.lr_at(99, s) == pytest.approx(1e-3)
+    assert train.lr_at(500, s) == 1e-3
+    ema, model = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+    with torch.no_grad():
+        ema.weight.fill_(1.0)
+        model.weight.fill_(3.0)
+    train._update_ema(ema, model, 0.75)
+    assert ema.weight.item() == pytest.approx(0.75 * 1 + 0.25 * 3)

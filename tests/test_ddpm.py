@@ -4,7 +4,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from scipy.stats import norm
 
 import ddpm
 from ddpm import Diffusion, get_betas, space_timesteps, normal_kl, discretized_gaussian_log_likelihood
@@ -168,8 +167,9 @@ def test_discretized_gaussian_matches_scipy_and_normalises():
     logp = discretized_gaussian_log_likelihood(levels, mean, log_scale).double()
     assert torch.exp(logp).sum().item() == pytest.approx(1.0, abs=1e-5)   # the bins tile the line
     x = levels.double().numpy()
-    upper = np.where(x > 0.999, 1.0, norm.cdf((x + 1 / 255 - 0.1) / 0.3))
-    lower = np.where(x < -0.999, 0.0, norm.cdf((x - 1 / 255 - 0.1) / 0.3))
+    cdf = np.vectorize(lambda v: 0.5 * (1 + math.erf(v / math.sqrt(2))))   # Python's float64 erf
+    upper = np.where(x > 0.999, 1.0, cdf((x + 1 / 255 - 0.1) / 0.3))
+    lower = np.where(x < -0.999, 0.0, cdf((x - 1 / 255 - 0.1) / 0.3))
     np.testing.assert_allclose(logp.numpy(), np.log(upper - lower), rtol=2e-4, atol=2e-5)
 
 

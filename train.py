@@ -36,7 +36,10 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+import classifier  # noqa: E402
 import ddpm  # noqa: E402
+import evaluate  # noqa: E402
+import multiguide  # noqa: E402
 import toy_circles  # noqa: E402
 import unet  # noqa: E402
 
@@ -77,6 +80,18 @@ class Config:
     # --- sampling ---
     sample_respacing: str = field(default="50", metadata={"help": "sampling steps, e.g. 50, 250, ddim50"})
     sampler: str = field(default="ddpm", metadata={"help": "reverse process", "choices": ["ddpm", "ddim"]})
+    n_samples: int = field(default=256, metadata={"help": "samples per evaluation (the paper: 1000)"})
+    sample_batch: int = field(default=128, metadata={"help": "images per sampling batch"})
+    lambdas: str = field(default="30,30", metadata={"help": "multi-guidance weights, one per class (left,right)"})
+    lambda_sweep: str = field(default="", metadata={"help": "also evaluate these equal weights, e.g. 0,10,30,60"})
+    # --- noisy guidance classifier (Sec. 4.2, 5.5) ---
+    clf: str = field(default="cpu", metadata={"help": "classifier preset in classifier.py", "choices": sorted(classifier.PRESETS)})
+    clf_steps: int = field(default=500, metadata={"help": "classifier training steps"})
+    clf_lr: float = field(default=3e-4, metadata={"help": "classifier AdamW learning rate"})
+    clf_batch: int = field(default=64, metadata={"help": "classifier batch size"})
+    spectral_norm: bool = field(default=False, metadata={"help": "spectral normalisation in the classifier (Sec. 5.5)"})
+    runs: int = field(default=1, metadata={"help": "classifiers with different seeds, one DDPM (the paper: 10)"})
+    heatmap_t: int = field(default=0, metadata={"help": "chain step of the classifier heatmap (Fig. 7b)"})
     # --- run control (not part of a run's identity) ---
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its checkpoints"})
     overwrite: bool = field(default=False, metadata={"help": "start afresh in an --out that holds another run"})
@@ -94,7 +109,8 @@ PAPER_PRESETS = {
     # training, L_hybrid, AdamW 1e-4, batch 64, fp16, 30k steps, EMA 0.9999; 64 sampling steps.
     "circles": dict(image_size=64, unet="paper", attention="16,8", T=4000, train_respacing="250",
                     steps=30000, batch=64, lr=1e-4, warmup=0, ema=0.9999, precision="fp16",
-                    sample_respacing="64", ckpt_every=2000, grid_every=5000, log_every=200),
+                    sample_respacing="64", ckpt_every=2000, grid_every=5000, log_every=200,
+                    n_samples=1000, sample_batch=250, clf="paper", clf_steps=3000, clf_lr=3e-4, runs=10),
 }
 
 
@@ -124,9 +140,15 @@ def parse_config(argv=None):
     return cfg
 
 
+def parse_floats(text):
+    """'30,30' -> [30.0, 30.0]; '' -> []."""
+    return [float(v) for v in text.split(",")] if text.strip() else []
+
+
 def check_config(cfg, parser):
     """Refuse numbers that cannot work, naming the flag."""
-    positive = ["steps", "batch", "T", "image_size", "log_every", "ckpt_every"]
+    positive = ["steps", "batch", "T", "image_size", "log_every", "ckpt_every", "n_samples", "sample_batch",
+                "clf_steps", "clf_batch", "runs"]
     for name in positive:
         if getattr(cfg, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
@@ -141,6 +163,13 @@ def check_config(cfg, parser):
                 ddpm.space_timesteps(cfg.T, spec)
             except ValueError as e:
                 parser.error(f"--{name.replace('_', '-')}: {e}")
+    for name in ("lambdas", "lambda_sweep"):
+        try:
+            values = parse_floats(getattr(cfg, name))
+        except ValueError:
+            parser.error(f"--{name.replace('_', '-')} wants comma-separated numbers, got {getattr(cfg, name)!r}")
+        if name == "lambdas" and len(values) != 2:
+            parser.error(f"--lambdas wants one weight per class (2 for circles: left,right), got {len(values)}")
     if os.path.isfile(cfg.out):
         parser.error(f"--out {cfg.out} is a file; expected a folder")
 
@@ -369,23 +398,6 @@ def fit_settings(cfg, **changes):
     return dataclasses.replace(s, **changes)
 
 
-def sample_images(model, diffusion_dict, respacing, n, rt, seed, batch=256, cond_fn=None, sampler="ddpm",
-                  precision="fp32", progress=False):
-    """n samples in [-1, 1] from a trained denoiser, in batches, seeded: (n, C, H, W) on the CPU."""
-    d = ddpm.diffusion_from_config(diffusion_dict, respacing)
-    C, S = model.config["in_channels"], model.config["image_size"]
-    g = torch.Generator(device=rt.device).manual_seed(seed)
-    out = []
-    model.eval()
-    for start in range(0, n, batch):
-        b = min(batch, n - start)
-        with autocast(precision, rt.device):
-            x = d.sample_loop(model, (b, C, S, S), sampler=sampler, cond_fn=cond_fn, generator=g,
-                              device=rt.device, progress=progress)
-        out.append(x.float().cpu())
-    return torch.cat(out)
-
-
 def train_ddpm(cfg, rt, images):
     """Stage 1: the unconditional DDPM on the training images; writes ddpm.pt and EMA sample grids."""
     torch.manual_seed(cfg.seed)
@@ -398,7 +410,8 @@ def train_ddpm(cfg, rt, images):
 
     def on_step(step, ema_model):
         if (cfg.grid_every and step % cfg.grid_every == 0) or step == cfg.steps:
-            x = sample_images(ema_model, d, cfg.sample_respacing, 16, rt, seed=cfg.seed, sampler=cfg.sampler)
+            x = multiguide.sample(ema_model, d, 16, respacing=cfg.sample_respacing, sampler=cfg.sampler,
+                                  seed=cfg.seed, device=rt.device, progress=False)
             toy_circles.save_grid(toy_circles.to_uint8(x), os.path.join(grid_dir, f"ddpm_step{step:06d}.png"),
                                   nrow=4, scale=max(1, 128 // cfg.image_size))
             ema_model.train(False)
@@ -411,34 +424,175 @@ def train_ddpm(cfg, rt, images):
 
 
 # ----------------------------------------------------------------------------------------------
-# The experiment
+# The classifier stage
 # ----------------------------------------------------------------------------------------------
 
-def prepare_out(cfg):
-    """Create --out and write config.json; never mix two runs in one folder.
+def classifier_loss(diffusion, x0, labels):
+    """loss_fn for fit: noisy images x_t at t ~ U{0..T-1} with their labels (flips swap the label)."""
+    def loss_fn(net, batch, g):
+        idx = torch.randint(len(x0), (batch,), generator=g, device=g.device).to(x0.device)
+        x, y = toy_circles.random_hflip(x0[idx], labels[idx], g)
+        t = torch.randint(diffusion.num_timesteps, (batch,), generator=g, device=g.device).to(x0.device)
+        noise = torch.randn(x.shape, generator=g, device=g.device).to(x0.device)
+        return classifier.classifier_losses(net, diffusion, x, y, t, noise)
+    return loss_fn
 
-    An --out that already holds a run (config.json) needs --resume (same configuration: checked
-    here, before anything is written) or --overwrite (start afresh; files are replaced as the new
-    run writes them).
-    """
-    config_path = os.path.join(cfg.out, "config.json")
+
+def train_classifier(cfg, rt, data, run_index):
+    """Stage 2: noisy classifier number `run_index` (seed = --seed + run_index), writes clf{run}.pt."""
+    seed = cfg.seed + run_index
+    torch.manual_seed(seed)
+    model = classifier.build_classifier(cfg.clf, image_size=cfg.image_size, spectral_norm=cfg.spectral_norm)
+    _, diffusion, d = build_ddpm(cfg)
+    x0 = toy_circles.to_tensor(data["images"]).to(rt.device)
+    labels = torch.as_tensor(data["labels"]).to(rt.device)
+    meta = dict(kind="classifier", model_config=model.config, diffusion=d)
     identity = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUN_CONTROL}
-    if os.path.exists(config_path):
-        if not (cfg.resume or cfg.overwrite):
-            raise SystemExit(f"train.py: --out {cfg.out} already holds a run (config.json); pass --resume to "
-                             f"continue it, --overwrite to start afresh, or choose another --out")
-        if cfg.resume:
-            try:
-                with open(config_path) as fh:
-                    old = json.load(fh)
-            except (OSError, ValueError):
-                raise SystemExit(f"train.py: {config_path} is unreadable; cannot --resume from it") from None
-            diff = sorted(k for k in identity if old.get(k) != identity[k])
-            if diff:
-                raise SystemExit(f"train.py: cannot --resume {cfg.out}: its run used other values for "
-                                 f"{', '.join('--' + k.replace('_', '-') for k in diff)}")
-    os.makedirs(cfg.out, exist_ok=True)
-    toy_circles.write_bytes_atomically(config_path, (json.dumps(dataclasses.asdict(cfg), indent=2) + "\n").encode())
+    s = fit_settings(cfg, steps=cfg.clf_steps, batch=cfg.clf_batch, lr=cfg.clf_lr, warmup=0, ema=0.0,
+                     seed=seed, stream=1, ckpt_every=max(cfg.clf_steps, 1), stop_at=0)
+    model, _, log = fit(model, classifier_loss(diffusion, x0, labels), s,
+                        os.path.join(cfg.out, f"clf{run_index}.pt"), rt, meta, identity,
+                        resume=cfg.resume, desc=f"classifier {run_index}")
+    return model.eval(), log
+
+
+# ----------------------------------------------------------------------------------------------
+# The experiment: Section 5.5 end to end
+# ----------------------------------------------------------------------------------------------
+
+PAPER_CIRCLES = dict(accuracy=(0.78, 0.087), bad=(0.0425, 0.0245), spectral_best=0.90)  # Sec. 5.5
+
+
+def sample_and_evaluate(cfg, rt, model, d, name, clf=None, lambdas=(0.0, 0.0)):
+    """Sample cfg.n_samples images (guided when lambdas != 0), save NPZ + grid, return circle_stats."""
+    path = os.path.join(cfg.out, "samples", f"{name}.npz")
+    if cfg.resume and os.path.exists(path):
+        images = np.load(path)["images"]
+    else:
+        x = multiguide.sample(model, d, cfg.n_samples, classifier=clf if any(lambdas) else None,
+                              lambdas=list(lambdas), respacing=cfg.sample_respacing, sampler=cfg.sampler,
+                              batch=cfg.sample_batch, seed=cfg.seed + 1, device=rt.device, progress=True)
+        images = toy_circles.to_uint8(x)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + ".tmp.npz"
+        np.savez_compressed(tmp, images=images, lambdas=np.array(lambdas))
+        os.replace(tmp, path)
+    toy_circles.save_grid(images[:64], os.path.join(cfg.out, "samples", f"{name}.png"), nrow=8,
+                          scale=max(1, 64 // cfg.image_size))
+    return evaluate.circle_stats(images)
+
+
+def mean_std(values):
+    return float(np.mean(values)), float(np.std(values))
+
+
+def run_experiment(cfg, rt):
+    """Data -> DDPM -> classifiers -> guided + unconditional samples -> evaluation -> report.md."""
+    t_start = time.time()
+    data = toy_circles.make_circles(cfg.image_size, "train")
+    if rt.main:
+        toy_circles.save_grid(data["images"][::max(1, len(data["images"]) // 64)][:64],
+                              os.path.join(cfg.out, "figures", "training_data.png"), nrow=8,
+                              scale=max(1, 64 // cfg.image_size))
+    timings = {}
+    t0 = time.time()
+    ema, d, log = train_ddpm(cfg, rt, data["images"])
+    timings["ddpm_training_s"] = time.time() - t0
+    if rt.main and log:
+        print(f"DDPM: final loss {log[-1]['loss']:.4f} ({log[-1]['img_per_s']:.0f} img/s this session)")
+    clfs = []
+    t0 = time.time()
+    for r in range(cfg.runs):
+        clf, clf_log = train_classifier(cfg, rt, data, r)
+        clfs.append(clf)
+        if rt.main and clf_log:
+            print(f"classifier {r}: final loss {clf_log[-1]['loss']:.4f}, noisy accuracy {clf_log[-1]['acc']:.3f}")
+    timings["classifier_training_s"] = time.time() - t0
+    if rt.world > 1:  # sampling and evaluation are cheap: rank 0 does them alone
+        dist.barrier()
+        if not rt.main:
+            return None
+    ema.eval()
+    diffusion = ddpm.diffusion_from_config(d)
+    xs, ys, p = classifier.heatmap(clfs[0], diffusion, cfg.image_size, t=cfg.heatmap_t, seed=cfg.seed)
+    heat = classifier.plot_heatmap(xs, ys, p, cfg.image_size, os.path.join(cfg.out, "figures", "classifier_heatmap.png"),
+                                   f"p(right | circle at x, y), classifier 0, t = {cfg.heatmap_t}")
+    t0 = time.time()
+    uncond = sample_and_evaluate(cfg, rt, ema, d, "unconditional")
+    timings["unguided_sampling_s"] = time.time() - t0
+    lambdas = parse_floats(cfg.lambdas)
+    runs, t0 = [], time.time()
+    for r, clf in enumerate(clfs):
+        stats = sample_and_evaluate(cfg, rt, ema, d, f"guided_run{r}", clf, lambdas)
+        runs.append(stats)
+        print(f"run {r}: accuracy {stats['accuracy']:.3f}, bad {stats['bad_fraction']:.3f}")
+    timings["guided_sampling_s"] = time.time() - t0
+    sweep = []
+    for lam in parse_floats(cfg.lambda_sweep):
+        stats = sample_and_evaluate(cfg, rt, ema, d, f"sweep_lambda{lam:g}", clfs[0], (lam, lam))
+        sweep.append(dict(lam=lam, accuracy=stats["accuracy"], bad_fraction=stats["bad_fraction"]))
+        print(f"lambda {lam:g}: accuracy {stats['accuracy']:.3f}, bad {stats['bad_fraction']:.3f}")
+    z_all = np.concatenate([np.asarray(s["z"])[np.asarray(s["n_circles"]) == 1] for s in runs])
+    evaluate.plot_centre_histogram(z_all, os.path.join(cfg.out, "figures", "centre_x_histogram.png"), cfg.image_size,
+                                   f"circle centre x of guided samples, lambda = {cfg.lambdas} ({len(runs)} runs)")
+    evaluate.write_circles_csv(runs[0], os.path.join(cfg.out, "samples", "guided_run0.csv"))
+    timings["total_s"] = time.time() - t_start
+    results = dict(
+        accuracy=mean_std([s["accuracy"] for s in runs]), bad_fraction=mean_std([s["bad_fraction"] for s in runs]),
+        per_run=[dict(accuracy=s["accuracy"], bad_fraction=s["bad_fraction"]) for s in runs],
+        unconditional=dict(accuracy=uncond["accuracy"], bad_fraction=uncond["bad_fraction"]),
+        lambdas=lambdas, lambda_sweep=sweep, heatmap=dict(middle_mean_p=heat["middle_mean_p"],
+                                                           transition_width=heat["transition_width"]),
+        n_samples=cfg.n_samples, sample_respacing=cfg.sample_respacing, sampler=cfg.sampler, runs=cfg.runs,
+        ddpm_final_loss=log[-1]["loss"] if log else None, timings_s=timings, config=dataclasses.asdict(cfg),
+        paper=PAPER_CIRCLES)
+    toy_circles.write_bytes_atomically(os.path.join(cfg.out, "results.json"),
+                                       (json.dumps(results, indent=2) + "\n").encode())
+    toy_circles.write_bytes_atomically(os.path.join(cfg.out, "report.md"), report_markdown(cfg, results).encode())
+    return results
+
+
+def report_markdown(cfg, r):
+    """report.md: the table next to the paper's figures, then the pictures."""
+    acc, bad = r["accuracy"], r["bad_fraction"]
+    pa, pb = PAPER_CIRCLES["accuracy"], PAPER_CIRCLES["bad"]
+    rows = [
+        "| quantity | this run | paper (Sec. 5.5) |",
+        "|---|---|---|",
+        f"| accuracy: samples with one circle in the unseen middle z in [0.2, 0.8] | "
+        f"{100 * acc[0]:.1f}% +- {100 * acc[1]:.1f}% ({cfg.runs} run{'s' if cfg.runs > 1 else ''}) | "
+        f"{100 * pa[0]:.0f}% +- {100 * pa[1]:.1f}% (10 runs) |",
+        f"| bad fraction: 0 or >= 2 circles | {100 * bad[0]:.1f}% +- {100 * bad[1]:.1f}% | "
+        f"{100 * pb[0]:.2f}% +- {100 * pb[1]:.2f}% |",
+        f"| unconditional accuracy (leakage) | {100 * r['unconditional']['accuracy']:.1f}% | (not reported) |",
+        f"| lambda (left, right) | {r['lambdas']} | [30, 30] |",
+        f"| sampling | {cfg.sampler}, {cfg.sample_respacing} steps, {cfg.n_samples} samples | ancestral, "
+        f"64 steps (released config), 1000 samples |",
+        f"| runtime | {r['timings_s']['total_s'] / 60:.1f} min on {cfg.device if cfg.device != 'auto' else 'this machine'} | "
+        f"(GPU) |",
+    ]
+    sweep = ["", "## Guidance strength", "", "| lambda (both classes) | accuracy | bad fraction |", "|---|---|---|"]
+    sweep += [f"| {s['lam']:g} | {100 * s['accuracy']:.1f}% | {100 * s['bad_fraction']:.1f}% |" for s in r["lambda_sweep"]]
+    runs = ", ".join(f"{100 * x['accuracy']:.1f}%" for x in r["per_run"])
+    t = r["timings_s"]
+    lines = [
+        f"# Circles: zero-shot interpolation (paper Section 5.5)", "",
+        f"Command: `python train.py --data circles{' --paper' if cfg.unet == 'paper' else ''}` "
+        f"(full configuration in `config.json`, numbers in `results.json`).", "",
+        *rows, "",
+        f"Per run: {runs}. Classifier heatmap: mean p(right) over the middle band "
+        f"{r['heatmap']['middle_mean_p']:.2f}, transition width {r['heatmap']['transition_width']} columns.",
+        f"Timings: DDPM {t['ddpm_training_s']:.0f} s, classifiers {t['classifier_training_s']:.0f} s, "
+        f"unguided sampling {t['unguided_sampling_s']:.0f} s, guided sampling {t['guided_sampling_s']:.0f} s.",
+        *(sweep if r["lambda_sweep"] else []), "",
+        "## Figures", "",
+        "Training data (centres only in the outer bands): ![training data](figures/training_data.png)", "",
+        "Multi-guided samples, lambda = " + cfg.lambdas + ": ![guided](samples/guided_run0.png)", "",
+        "Unconditional samples: ![unconditional](samples/unconditional.png)", "",
+        "Centre x of the guided samples: ![histogram](figures/centre_x_histogram.png)", "",
+        "Classifier p(right | circle at x, y) (Fig. 7b): ![heatmap](figures/classifier_heatmap.png)", "",
+    ]
+    return "\n".join(lines)
 
 
 def run(cfg):
@@ -450,14 +604,15 @@ def run(cfg):
         print(json.dumps(dataclasses.asdict(cfg)))
     if rt.world > 1:
         dist.barrier()
-    data = toy_circles.make_circles(cfg.image_size, "train")
-    t0 = time.time()
-    ema, d, log = train_ddpm(cfg, rt, data["images"])
-    if rt.main and log:
-        print(f"DDPM done in {time.time() - t0:.0f} s: final loss {log[-1]['loss']:.4f}, "
-              f"{log[-1]['img_per_s']:.0f} img/s; grids in {os.path.join(cfg.out, 'grids')}")
-    if rt.world > 1:
+    results = run_experiment(cfg, rt)
+    if rt.world > 1 and dist.is_initialized():
         dist.destroy_process_group()
+    if results is not None:
+        acc, bad = results["accuracy"], results["bad_fraction"]
+        print(f"report: {os.path.join(cfg.out, 'report.md')}")
+        print(f"HEADLINE accuracy {100 * acc[0]:.1f}% +- {100 * acc[1]:.1f}% of samples in the unseen middle "
+              f"(paper: 78% +- 8.7%), bad {100 * bad[0]:.1f}%, unconditional {100 * results['unconditional']['accuracy']:.1f}%, "
+              f"{results['timings_s']['total_s'] / 60:.1f} min")
 
 
 def main(argv=None):

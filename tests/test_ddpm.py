@@ -161,7 +161,7 @@ def test_normal_kl_closed_form():
     assert normal_kl(torch.tensor(1.0), torch.tensor(0.3), 1.0, 0.3).item() == 0.0
 
 
-def test_discretized_gaussian_matches_scipy_and_normalises():
+def test_discretized_gaussian_matches_erf_and_normalises():
     levels = torch.linspace(-1, 1, 256)                      # every 8-bit value
     mean, log_scale = torch.tensor(0.1), torch.tensor(math.log(0.3))
     logp = discretized_gaussian_log_likelihood(levels, mean, log_scale).double()

@@ -460,6 +460,33 @@ def train_classifier(cfg, rt, data, run_index):
 # The experiment: Section 5.5 end to end
 # ----------------------------------------------------------------------------------------------
 
+def prepare_out(cfg):
+    """Create --out and write config.json; never mix two runs in one folder.
+
+    An --out that already holds a run (config.json) needs --resume (same configuration: checked
+    here, before anything is written) or --overwrite (start afresh; files are replaced as the new
+    run writes them).
+    """
+    config_path = os.path.join(cfg.out, "config.json")
+    identity = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUN_CONTROL}
+    if os.path.exists(config_path):
+        if not (cfg.resume or cfg.overwrite):
+            raise SystemExit(f"train.py: --out {cfg.out} already holds a run (config.json); pass --resume to "
+                             f"continue it, --overwrite to start afresh, or choose another --out")
+        if cfg.resume:
+            try:
+                with open(config_path) as fh:
+                    old = json.load(fh)
+            except (OSError, ValueError):
+                raise SystemExit(f"train.py: {config_path} is unreadable; cannot --resume from it") from None
+            diff = sorted(k for k in identity if old.get(k) != identity[k])
+            if diff:
+                raise SystemExit(f"train.py: cannot --resume {cfg.out}: its run used other values for "
+                                 f"{', '.join('--' + k.replace('_', '-') for k in diff)}")
+    os.makedirs(cfg.out, exist_ok=True)
+    toy_circles.write_bytes_atomically(config_path, (json.dumps(dataclasses.asdict(cfg), indent=2) + "\n").encode())
+
+
 PAPER_CIRCLES = dict(accuracy=(0.78, 0.087), bad=(0.0425, 0.0245), spectral_best=0.90)  # Sec. 5.5
 
 

@@ -490,20 +490,29 @@ def prepare_out(cfg):
 PAPER_CIRCLES = dict(accuracy=(0.78, 0.087), bad=(0.0425, 0.0245), spectral_best=0.90)  # Sec. 5.5
 
 
-def sample_and_evaluate(cfg, rt, model, d, name, clf=None, lambdas=(0.0, 0.0)):
-    """Sample cfg.n_samples images (guided when lambdas != 0), save NPZ + grid, return circle_stats."""
+def sample_and_evaluate(cfg, rt, model, d, name, ddpm_step, clf=None, lambdas=(0.0, 0.0)):
+    """Sample cfg.n_samples images (guided when lambdas != 0), save NPZ + grid, return circle_stats.
+
+    Under --resume, samples already drawn from the same DDPM step with the same weights are reused.
+    """
     path = os.path.join(cfg.out, "samples", f"{name}.npz")
     if cfg.resume and os.path.exists(path):
-        images = np.load(path)["images"]
-    else:
-        x = multiguide.sample(model, d, cfg.n_samples, classifier=clf if any(lambdas) else None,
-                              lambdas=list(lambdas), respacing=cfg.sample_respacing, sampler=cfg.sampler,
-                              batch=cfg.sample_batch, seed=cfg.seed + 1, device=rt.device, progress=True)
-        images = toy_circles.to_uint8(x)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = path + ".tmp.npz"
-        np.savez_compressed(tmp, images=images, lambdas=np.array(lambdas))
-        os.replace(tmp, path)
+        old = np.load(path)
+        if int(old["ddpm_step"]) == ddpm_step and list(old["lambdas"]) == list(lambdas):
+            images = old["images"]
+            return _save_sample_grid(cfg, images, name)
+    x = multiguide.sample(model, d, cfg.n_samples, classifier=clf if any(lambdas) else None,
+                          lambdas=list(lambdas), respacing=cfg.sample_respacing, sampler=cfg.sampler,
+                          batch=cfg.sample_batch, seed=cfg.seed + 1, device=rt.device, progress=True)
+    images = toy_circles.to_uint8(x)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp.npz"
+    np.savez_compressed(tmp, images=images, lambdas=np.array(lambdas), ddpm_step=ddpm_step)
+    os.replace(tmp, path)
+    return _save_sample_grid(cfg, images, name)
+
+
+def _save_sample_grid(cfg, images, name):
     toy_circles.save_grid(images[:64], os.path.join(cfg.out, "samples", f"{name}.png"), nrow=8,
                           scale=max(1, 64 // cfg.image_size))
     return evaluate.circle_stats(images)
@@ -524,6 +533,7 @@ def run_experiment(cfg, rt):
     timings = {}
     t0 = time.time()
     ema, d, log = train_ddpm(cfg, rt, data["images"])
+    ddpm_step = log[-1]["step"] if log else 0
     timings["ddpm_training_s"] = time.time() - t0
     if rt.main and log:
         print(f"DDPM: final loss {log[-1]['loss']:.4f} ({log[-1]['img_per_s']:.0f} img/s this session)")
@@ -545,18 +555,18 @@ def run_experiment(cfg, rt):
     heat = classifier.plot_heatmap(xs, ys, p, cfg.image_size, os.path.join(cfg.out, "figures", "classifier_heatmap.png"),
                                    f"p(right | circle at x, y), classifier 0, t = {cfg.heatmap_t}")
     t0 = time.time()
-    uncond = sample_and_evaluate(cfg, rt, ema, d, "unconditional")
+    uncond = sample_and_evaluate(cfg, rt, ema, d, "unconditional", ddpm_step)
     timings["unguided_sampling_s"] = time.time() - t0
     lambdas = parse_floats(cfg.lambdas)
     runs, t0 = [], time.time()
     for r, clf in enumerate(clfs):
-        stats = sample_and_evaluate(cfg, rt, ema, d, f"guided_run{r}", clf, lambdas)
+        stats = sample_and_evaluate(cfg, rt, ema, d, f"guided_run{r}", ddpm_step, clf, lambdas)
         runs.append(stats)
         print(f"run {r}: accuracy {stats['accuracy']:.3f}, bad {stats['bad_fraction']:.3f}")
     timings["guided_sampling_s"] = time.time() - t0
     sweep = []
     for lam in parse_floats(cfg.lambda_sweep):
-        stats = sample_and_evaluate(cfg, rt, ema, d, f"sweep_lambda{lam:g}", clfs[0], (lam, lam))
+        stats = sample_and_evaluate(cfg, rt, ema, d, f"sweep_lambda{lam:g}", ddpm_step, clfs[0], (lam, lam))
         sweep.append(dict(lam=lam, accuracy=stats["accuracy"], bad_fraction=stats["bad_fraction"]))
         print(f"lambda {lam:g}: accuracy {stats['accuracy']:.3f}, bad {stats['bad_fraction']:.3f}")
     z_all = np.concatenate([np.asarray(s["z"])[np.asarray(s["n_circles"]) == 1] for s in runs])

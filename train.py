@@ -439,7 +439,7 @@ def classifier_loss(diffusion, x0, labels):
 
 
 def train_classifier(cfg, rt, data, run_index):
-    """Stage 2: noisy classifier number `run_index` (seed = --seed + run_index), writes clf{run}.pt."""
+    """Stage 2: noisy classifier number `run_index` (seed = --seed + run_index), writes classifier{run}.pt."""
     seed = cfg.seed + run_index
     torch.manual_seed(seed)
     model = classifier.build_classifier(cfg.clf, image_size=cfg.image_size, spectral_norm=cfg.spectral_norm)
@@ -451,7 +451,7 @@ def train_classifier(cfg, rt, data, run_index):
     s = fit_settings(cfg, steps=cfg.clf_steps, batch=cfg.clf_batch, lr=cfg.clf_lr, warmup=0, ema=0.0,
                      seed=seed, stream=1, ckpt_every=max(cfg.clf_steps, 1), stop_at=0)
     model, _, log = fit(model, classifier_loss(diffusion, x0, labels), s,
-                        os.path.join(cfg.out, f"clf{run_index}.pt"), rt, meta, identity,
+                        os.path.join(cfg.out, f"classifier{run_index}.pt"), rt, meta, identity,
                         resume=cfg.resume, desc=f"classifier {run_index}")
     return model.eval(), log
 

@@ -302,13 +302,6 @@ def plot_heatmap(xs, ys, p, size, path, title):
 # Command line
 # ----------------------------------------------------------------------------------------------
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag costs one line (the error), not the whole usage block."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def load_classifier(path, device="cpu", use_ema=True):
     """(classifier in eval mode, its checkpoint dict) from a self-describing "classifier" checkpoint.
 
@@ -327,7 +320,7 @@ def load_classifier(path, device="cpu", use_ema=True):
 
 
 def main(argv=None):
-    parser = OneLineParser(description="Heatmap of a guidance classifier over circle centres (paper Fig. 7b).")
+    parser = ddpm.OneLineParser(description="Heatmap of a guidance classifier over circle centres (paper Fig. 7b).")
     parser.add_argument("--ckpt", required=True, help="classifier checkpoint (kind 'classifier')")
     parser.add_argument("--out", required=True, help="output folder (created)")
     parser.add_argument("--t", type=int, default=0, help="chain step of the checkpoint's diffusion (0 = nearly clean)")

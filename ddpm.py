@@ -454,6 +454,13 @@ def save_checkpoint(path, obj):
     os.replace(tmp, path)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse for every zsi command line: a bad flag costs one line (the error), not the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 class CheckpointError(SystemExit):
     """A checkpoint that is missing, unreadable or of the wrong kind: exits with its one-line message."""
 
@@ -479,7 +486,7 @@ def load_checkpoint(path, kind=None):
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Print the key numbers of a diffusion schedule.")
+    parser = OneLineParser(description="Print the key numbers of a diffusion schedule.")
     parser.add_argument("--schedule", choices=["cosine", "linear"], default="cosine")
     parser.add_argument("--T", type=int, default=4000, help="number of diffusion steps")
     parser.add_argument("--respace", default="250", help="kept steps: '250', '10,15,20' or 'ddim50'")

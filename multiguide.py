@@ -174,15 +174,8 @@ def sample(model, diffusion_dict, n, *, classifier=None, lambdas=None, respacing
 # Command line
 # ----------------------------------------------------------------------------------------------
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag costs one line (the error), not the whole usage block."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def parse_args(argv):
-    parser = OneLineParser(description="Sample a DDPM with multi-guidance (paper Sec. 4.2, Eq. 2).")
+    parser = ddpm.OneLineParser(description="Sample a DDPM with multi-guidance (paper Sec. 4.2, Eq. 2).")
     parser.add_argument("--ddpm", required=True, help="DDPM checkpoint (kind 'ddpm')")
     parser.add_argument("--classifier", default=None, help="noisy classifier checkpoint (kind 'classifier')")
     parser.add_argument("--lambdas", default=None,

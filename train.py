@@ -114,16 +114,9 @@ PAPER_PRESETS = {
 }
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag costs one line (the error), not the whole usage block."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def parse_config(argv=None):
     """Command line -> Config: --data picks a preset, --paper its GPU numbers, flags override both."""
-    parser = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ddpm.OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--paper", action="store_true", help="the paper's configuration (for GPUs)")
     for f in dataclasses.fields(Config):
         flag, meta = "--" + f.name.replace("_", "-"), dict(f.metadata)

@@ -52,8 +52,15 @@ def timestep_embedding(t, dim, max_period=10000):
 
 
 def group_norm(channels):
-    """GroupNorm with 32 groups, or the largest divisor of `channels` below 32 for narrow layers."""
-    groups = max(g for g in range(1, 33) if channels % g == 0)
+    """GroupNorm with 32 groups of at least 4 channels (fewer groups for narrow layers).
+
+    improved-diffusion uses 32 groups on 128+ channels, i.e. >= 4 channels per group; we keep that
+    ratio for narrow CPU nets. A group of ONE channel (32 groups on 32 channels) would remove each
+    channel's spatial mean before the output conv, so the net could not follow the mean ("DC") of
+    x_t: measured on circles, samples then kept a per-channel colour cast and a 2x2 checkerboard
+    (per sub-pixel offsets of the pixel-unshuffle stem) even after 2000 steps.
+    """
+    groups = max(g for g in range(1, 33) if channels % g == 0 and channels // g >= min(4, channels))
     return nn.GroupNorm(groups, channels)
 
 

@@ -278,7 +278,8 @@ def fit(model, loss_fn, s, ckpt_path, rt, meta, identity, resume=False, on_step=
         return model, ema, log
     net = torch.nn.parallel.DistributedDataParallel(model) if rt.world > 1 else model
     per_rank = max(1, s.batch // rt.world)
-    skipped = sum(row.get("skipped_now", 0) for row in log)
+    skipped = log[-1]["skipped"] if log else 0
+    sums, count = {}, 0  # running means of the logged terms since the last log line
 
     def checkpoint(step):
         if rt.main:
@@ -314,11 +315,16 @@ def fit(model, loss_fn, s, ckpt_path, rt, meta, identity, resume=False, on_step=
         else:
             skipped += 1
         seen += per_rank * rt.world
+        if bad.item() == 0:
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach().float().mean())
+            count += 1
         if (step + 1) % s.log_every == 0 or step + 1 == s.steps:
-            row = {k: float(v.detach().float().mean()) for k, v in terms.items()}
+            row = {k: v / max(count, 1) for k, v in sums.items()}  # means over the interval
+            sums, count = {}, 0
             row.update(step=step + 1, lr=lr_at(step, s), skipped=skipped, img_per_s=seen / (time.time() - t0))
             log.append(row)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", skipped=skipped, refresh=False)
+            bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}", skipped=skipped, refresh=False)
         if on_step is not None and rt.main:
             on_step(step + 1, ema if ema is not None else model)
         if (step + 1) % s.ckpt_every == 0 or step + 1 in (s.steps, s.stop_at):

@@ -134,3 +134,41 @@ def test_warmup_and_ema_formulas():
         model.weight.fill_(3.0)
     train._update_ema(ema, model, 0.75)
     assert ema.weight.item() == pytest.approx(0.75 * 1 + 0.25 * 3)
+
+
+def test_circles_pipeline_end_to_end_at_tiny_size(tmp_path):
+    """data -> DDPM -> 2 classifiers -> guided, unguided and sweep samples -> evaluation -> report."""
+    import json
+
+    import numpy as np
+
+    import evaluate
+    out = tmp_path / "e2e"
+    r = run_cli(*TINY, "--steps", "10", "--clf", "tiny", "--clf-steps", "6", "--clf-batch", "8", "--n-samples", "12",
+                "--runs", "2", "--lambda-sweep", "0,10", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1].startswith("HEADLINE accuracy")
+    res = json.loads((out / "results.json").read_text())
+    for name in ("figures/training_data.png", "figures/classifier_heatmap.png", "figures/centre_x_histogram.png",
+                 "samples/guided_run0.png", "samples/unconditional.png", "samples/guided_run0.csv",
+                 "classifier0.pt", "classifier1.pt", "ddpm.pt"):
+        assert (out / name).exists(), name
+    # Every number of results.json is recomputed from the saved samples.
+    per_run = [evaluate.circle_stats(np.load(out / "samples" / f"guided_run{i}.npz")["images"]) for i in range(2)]
+    assert [x["accuracy"] for x in res["per_run"]] == [s["accuracy"] for s in per_run]
+    acc = [s["accuracy"] for s in per_run]
+    assert res["accuracy"] == pytest.approx([np.mean(acc), np.std(acc)])
+    uncond = np.load(out / "samples" / "unconditional.npz")
+    assert uncond["images"].shape == (12, 16, 16, 3) and uncond["images"].dtype == np.uint8
+    assert res["unconditional"]["accuracy"] == evaluate.circle_stats(uncond["images"])["accuracy"]
+    assert [s["lam"] for s in res["lambda_sweep"]] == [0.0, 10.0]
+    # lambda = 0 in the sweep is the unguided sampler with the same seed: identical samples.
+    assert np.array_equal(np.load(out / "samples" / "sweep_lambda0.npz")["images"], uncond["images"])
+    report = (out / "report.md").read_text()
+    assert "78% +- 8.7%" in report and f"{100 * res['accuracy'][0]:.1f}%" in report
+    assert "figures/classifier_heatmap.png" in report and "| 10 |" in report
+    # A resumed run recomputes nothing: the DDPM and the classifiers are done, the samples reused.
+    r = run_cli(*TINY, "--steps", "10", "--clf", "tiny", "--clf-steps", "6", "--clf-batch", "8", "--n-samples", "12",
+                "--runs", "2", "--lambda-sweep", "0,10", "--out", str(out), "--resume")
+    assert r.returncode == 0 and "sampling" not in r.stderr
+    assert json.loads((out / "results.json").read_text())["per_run"] == res["per_run"]

@@ -1,0 +1,136 @@
+"""The benchmark scripts: a tiny smoke run of each CLI, and their PASS/FAIL logic on hand-made numbers."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import bench_guidance, circles_targets
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1")
+TINY_TRAIN = ["--unet", "tiny", "--clf", "tiny", "--image-size", "16", "--T", "100", "--steps", "10",
+              "--clf-steps", "5", "--batch", "8", "--n-samples", "8", "--sample-respacing", "5",
+              "--grid-every", "0", "--threads", "1"]
+
+
+def run_script(name, *args, timeout=120):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", name), *args], capture_output=True,
+                          text=True, timeout=timeout, env=ENV, cwd=ROOT)
+
+
+def positive_finite(x):
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# bench_guidance.py: App. C, one guided step costs one U-Net forward + one classifier fwd + bwd
+# ----------------------------------------------------------------------------------------------
+
+def test_bench_guidance_smoke(tmp_path):
+    out = tmp_path / "guidance.json"
+    r = run_script("bench_guidance.py", "--unet", "tiny", "--clf", "tiny", "--image-size", "16", "--batch", "4",
+                   "--quick", "--threads", "1", "--json", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "guided / unguided" in r.stdout
+    rec = json.loads(out.read_text())
+    assert set(rec) >= {"config", "rows", "ratio_guided_unguided", "target_ratio", "verdict",
+                        "guidance_overhead_ms", "classifier_fwd_bwd_ms"}
+    assert [row["name"] for row in rec["rows"]] == ["unguided step", "guided step (30,30)", "one-class step (0,30)",
+                                                    "classifier forward", "classifier fwd+bwd"]
+    for row in rec["rows"]:
+        assert all(positive_finite(row[k]) for k in ("median_ms", "min_ms", "max_ms", "ms_per_image",
+                                                      "ratio_to_unguided"))
+        assert row["min_ms"] <= row["median_ms"] <= row["max_ms"] and row["trials"] == 2
+    assert positive_finite(rec["ratio_guided_unguided"]) and rec["target_ratio"] == 2.5
+    assert rec["verdict"] == ("PASS" if rec["ratio_guided_unguided"] <= 2.5 else "FAIL")
+
+
+def test_bench_guidance_verdict_on_hand_made_timings():
+    names = ["unguided step", "guided step (30,30)", "one-class step (0,30)", "classifier forward",
+             "classifier fwd+bwd"]
+    ok = bench_guidance.summarize(dict(zip(names, [[0.1, 0.3, 0.2], [0.5, 0.4, 0.6], [0.5] * 3, [0.1] * 3,
+                                                    [0.3] * 3])), batch=10)
+    assert ok["ratio_guided_unguided"] == pytest.approx(2.5) and ok["verdict"] == "PASS"  # medians 0.5 / 0.2
+    assert ok["rows"][1]["min_ms"] == pytest.approx(400) and ok["rows"][1]["ms_per_image"] == pytest.approx(50)
+    assert ok["guidance_overhead_ms"] == pytest.approx(300) and ok["classifier_fwd_bwd_ms"] == pytest.approx(300)
+    bad = bench_guidance.summarize(dict(zip(names, [[0.2], [0.52], [0.5], [0.1], [0.3]])), batch=10)
+    assert bad["ratio_guided_unguided"] == pytest.approx(2.6) and bad["verdict"] == "FAIL"
+
+
+def test_bench_guidance_refuses_bad_flags_in_one_line(capsys):
+    for argv in (["--batch", "0"], ["--lambdas", "30,30,30"], ["--lambdas", "0,0"], ["--unet", "nope"]):
+        with pytest.raises(SystemExit) as e:
+            bench_guidance.parse_args(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "error:" in err
+
+
+# ----------------------------------------------------------------------------------------------
+# circles_targets.py: the issue's targets for `python train.py --data circles`
+# ----------------------------------------------------------------------------------------------
+
+def test_circles_targets_smoke(tmp_path):
+    out, js = tmp_path / "ct", tmp_path / "targets.json"
+    r = run_script("circles_targets.py", "--out", str(out), "--json", str(js), "--", *TINY_TRAIN)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "verdict" in r.stdout and (out / "results.json").exists()
+    rec = json.loads(js.read_text())
+    assert set(rec) >= {"command", "seeds", "measurements", "targets", "all_pass"}
+    (m,) = rec["measurements"]
+    assert positive_finite(m["wall_min"]) and positive_finite(m["peak_mib"]) and m["runs"] == 1
+    for key in ("accuracy", "bad_fraction", "unconditional_accuracy"):
+        assert 0.0 <= m[key] <= 1.0
+    assert [row["key"] for row in rec["targets"]] == ["wall_min", "peak_mib", "accuracy", "bad_fraction",
+                                                       "unconditional_accuracy"]
+    assert all(row["verdict"] in ("PASS", "FAIL") for row in rec["targets"])
+    assert rec["all_pass"] == all(row["verdict"] == "PASS" for row in rec["targets"])
+
+
+def write_results(folder, accuracy, bad, uncond, runs=3):
+    """A results.json with the keys train.py writes that circles_targets reads."""
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps(dict(
+        accuracy=[accuracy, 0.02], bad_fraction=[bad, 0.01], unconditional=dict(accuracy=uncond, bad_fraction=0.0),
+        runs=runs)))
+    return folder
+
+
+def verdicts(rows):
+    return {row["key"]: row["verdict"] for row in rows}
+
+
+def test_circles_targets_verdicts_on_hand_made_results(tmp_path):
+    # one run meeting every target, at the boundaries where they are inclusive
+    good = circles_targets.read_measurement(write_results(tmp_path / "good", 0.85, 0.05, 0.05), 15 * 60.0, 2047.0)
+    assert good["wall_min"] == 15.0 and good["accuracy_std_over_runs"] == 0.02
+    assert set(verdicts(circles_targets.evaluate_targets([good])).values()) == {"PASS"}
+    # and one missing every target (peak memory: strictly below 2 GiB)
+    bad = circles_targets.read_measurement(write_results(tmp_path / "bad", 0.84, 0.06, 0.06), 15 * 60.0 + 1, 2048.0)
+    assert set(verdicts(circles_targets.evaluate_targets([bad])).values()) == {"FAIL"}
+    # across seeds: quality on the mean, time and memory on the worst seed
+    s0 = circles_targets.read_measurement(write_results(tmp_path / "s0", 0.90, 0.02, 0.00), 10 * 60.0, 1000.0)
+    s1 = circles_targets.read_measurement(write_results(tmp_path / "s1", 0.82, 0.07, 0.00), 16 * 60.0, 1200.0)
+    rows = circles_targets.evaluate_targets([s0, s1])
+    assert verdicts(rows) == dict(wall_min="FAIL", peak_mib="PASS", accuracy="PASS", bad_fraction="PASS",
+                                  unconditional_accuracy="PASS")
+    acc = rows[2]
+    assert acc["mean"] == pytest.approx(0.86) and acc["std"] == pytest.approx(0.04)  # population std
+    assert rows[0]["judged_value"] == 16.0 and rows[1]["judged_value"] == 1200.0
+
+
+def test_circles_targets_pass_through_and_refusals(capsys):
+    args, train_args = circles_targets.parse_args(["--out", "d", "--unet", "tiny", "--runs", "2", "--seeds", "0,1",
+                                                   "--", "--steps", "10"])
+    assert args.out == "d" and args.seeds == [0, 1]
+    assert train_args == ["--unet", "tiny", "--steps", "10", "--runs", "2"]
+    for argv in (["--", "--out", "x"], ["--resume"], ["--seeds", "0,1", "--seed", "3"], ["--seeds", "a"],
+                 ["--runs", "0"]):
+        with pytest.raises(SystemExit) as e:
+            circles_targets.parse_args(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "error:" in err

@@ -621,7 +621,7 @@ def report_markdown(cfg, r):
     t = r["timings_s"]
     lines = [
         f"# Circles: zero-shot interpolation (paper Section 5.5)", "",
-        f"Command: `python train.py --data circles{' --paper' if cfg.unet == 'paper' else ''}` "
+        f"Command: `python {' '.join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))}` "
         f"(full configuration in `config.json`, numbers in `results.json`).", "",
         *rows, "",
         f"Per run: {runs}. Classifier heatmap: mean p(right) over the middle band "

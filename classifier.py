@@ -61,13 +61,7 @@ class AttentionPool2d(nn.Module):
 
     def __init__(self, channels, tokens, out_dim, num_heads=4, num_head_channels=-1):
         super().__init__()
-        if num_head_channels != -1:
-            if channels % num_head_channels:
-                raise ValueError(f"{channels} channels do not split into heads of {num_head_channels}")
-            num_heads = channels // num_head_channels
-        if channels % num_heads:
-            raise ValueError(f"{channels} channels do not split into {num_heads} heads")
-        self.num_heads = num_heads
+        self.num_heads = unet.head_count(channels, num_heads, num_head_channels)
         # one position per token plus the mean token, scaled like guided-diffusion's (std 1/sqrt(C))
         self.positional_embedding = nn.Parameter(torch.randn(tokens + 1, channels) / channels ** 0.5)
         self.qkv = nn.Linear(channels, 3 * channels)

@@ -64,6 +64,17 @@ def group_norm(channels):
     return nn.GroupNorm(groups, channels)
 
 
+def head_count(channels, num_heads, num_head_channels=-1):
+    """Attention heads: `num_heads`, or channels // num_head_channels when that is not -1 (improved-diffusion)."""
+    if num_head_channels != -1:
+        if channels % num_head_channels:
+            raise ValueError(f"{channels} channels do not split into heads of {num_head_channels}")
+        num_heads = channels // num_head_channels
+    if channels % num_heads:
+        raise ValueError(f"{channels} channels do not split into {num_heads} heads")
+    return num_heads
+
+
 def zero_init(module):
     """Zero a layer's weights and bias, so the residual branch it ends starts as 0 (block = identity)."""
     for p in module.parameters():
@@ -105,13 +116,7 @@ class AttentionBlock(nn.Module):
 
     def __init__(self, channels, num_heads=1, num_head_channels=-1):
         super().__init__()
-        if num_head_channels != -1:
-            if channels % num_head_channels:
-                raise ValueError(f"{channels} channels do not split into heads of {num_head_channels}")
-            num_heads = channels // num_head_channels
-        if channels % num_heads:
-            raise ValueError(f"{channels} channels do not split into {num_heads} heads")
-        self.num_heads = num_heads
+        self.num_heads = head_count(channels, num_heads, num_head_channels)
         self.norm = group_norm(channels)
         self.qkv = nn.Linear(channels, 3 * channels)
         self.proj = zero_init(nn.Linear(channels, channels))

@@ -9,8 +9,7 @@ import pytest
 
 from benchmarks import bench_guidance, circles_targets
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1")
+from conftest import ENV, ROOT  # noqa: E402
 TINY_TRAIN = ["--unet", "tiny", "--clf", "tiny", "--image-size", "16", "--T", "100", "--steps", "10",
               "--clf-steps", "5", "--batch", "8", "--n-samples", "8", "--sample-respacing", "5",
               "--grid-every", "0", "--threads", "1"]

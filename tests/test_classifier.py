@@ -16,18 +16,9 @@ import ddpm
 import toy_circles
 import unet
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1")
+from conftest import ENV, ROOT, perturbed  # noqa: E402
+
 DIFFUSION = dict(schedule="cosine", T=100, learn_sigma=True, loss="hybrid", respacing="")
-
-
-def perturbed(model, seed=0, std=0.05):
-    """A fresh model has zero-initialised residual branches (its output ignores t): add noise to every weight."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * std)
-    return model
 
 
 def linear_and_conv_norms(model):

@@ -15,30 +15,21 @@ import ddpm
 import multiguide as mg
 import unet
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1")
+from conftest import ENV, ROOT, perturbed  # noqa: E402
+
 DIFFUSION = dict(schedule="cosine", T=100, learn_sigma=True, loss="hybrid", respacing="")
-
-
-def perturbed(model, seed=0, std=0.05):
-    """Noise on every weight, so zero-initialised branches (and the timestep) matter."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * std)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
 def clf():
     torch.manual_seed(0)
-    return perturbed(C.build_classifier("tiny"))
+    return perturbed(C.build_classifier("tiny")).eval()
 
 
 @pytest.fixture(scope="module")
 def denoiser():
     torch.manual_seed(1)
-    return perturbed(unet.build_unet("tiny"), seed=1, std=0.02)
+    return perturbed(unet.build_unet("tiny"), seed=1, std=0.02).eval()
 
 
 def objective(clf, x, t, lambdas):

@@ -11,10 +11,9 @@ import torch
 import ddpm
 import train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ENV, ROOT  # noqa: E402
 TINY = ["--data", "circles", "--unet", "tiny", "--image-size", "16", "--T", "100", "--batch", "8",
         "--log-every", "5", "--ckpt-every", "5", "--grid-every", "0", "--sample-respacing", "5", "--threads", "1"]
-ENV = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1")
 
 
 def run_cli(*args, script="train.py", timeout=300):

@@ -125,7 +125,7 @@ def load_models(ddpm_ckpt, classifier_ckpt=None, device="cpu", use_ema=True):
     return model, d, clf
 
 
-def _autocast(precision, device):
+def autocast(precision, device):
     """Mixed precision for the DDPM forward: fp32 none, bf16 (CPU or CUDA), fp16 (CUDA only)."""
     if precision == "fp32":
         return contextlib.nullcontext()
@@ -163,7 +163,7 @@ def sample(model, diffusion_dict, n, *, classifier=None, lambdas=None, respacing
     out = []
     for start in range(0, n, batch):
         b = min(batch, n - start)
-        with _autocast(precision, device):  # multi_guidance_grad switches autocast off for g
+        with autocast(precision, device):  # multi_guidance_grad switches autocast off for g
             x = diffusion.sample_loop(model, (b, C, S, S), sampler=sampler, eta=eta, cond_fn=cond_fn,
                                       generator=g, device=device, progress=progress)
         out.append(x.float().cpu())

@@ -27,6 +27,7 @@ Reproducibility
     states, on one process or many. Model initialisation is seeded with --seed.
 """
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -178,7 +179,7 @@ def check_config(cfg, parser):
 
 @dataclass
 class Runtime:
-    """Where this process runs: rank and world size under torchrun, the device, autocast settings."""
+    """Where this process runs: rank and world size under torchrun, and the device."""
     rank: int
     world: int
     device: torch.device
@@ -209,13 +210,6 @@ def setup_runtime(cfg):
     if cfg.precision == "fp16" and device.type != "cuda":
         raise SystemExit("train.py: --precision fp16 needs a CUDA device; use --precision bf16 or fp32 on the CPU")
     return Runtime(rank, world, device)
-
-
-def autocast(precision, device):
-    """The autocast context of a precision: fp32 -> none, bf16 -> bfloat16 (CPU or CUDA), fp16 -> CUDA float16."""
-    if precision == "fp32":
-        return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def step_generator(seed, stream, rank, step, device):
@@ -303,7 +297,7 @@ def fit(model, loss_fn, s, ckpt_path, rt, meta, identity, resume=False, on_step=
         torch.manual_seed(int(torch.randint(2**62, (1,), generator=g, device=device)))  # dropout etc.
         for group in opt.param_groups:
             group["lr"] = lr_at(step, s)
-        with autocast(s.precision, device):
+        with multiguide.autocast(s.precision, device):  # fp32: none; bf16: CPU/CUDA; fp16: CUDA
             terms = loss_fn(net, per_rank, g)
         loss = terms["loss"].float().mean()
         # A non-finite loss skips the step on every rank (they must agree, or DDP would hang).
@@ -346,7 +340,7 @@ def fit(model, loss_fn, s, ckpt_path, rt, meta, identity, resume=False, on_step=
 
 
 def _copy_for_ema(model):
-    import copy
+    """A frozen copy of the model that _update_ema keeps as the exponential moving average."""
     ema = copy.deepcopy(model).eval()
     ema.requires_grad_(False)
     return ema

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import perturbed  # noqa: E402
 from unet import (PRESETS, AttentionBlock, Downsample, ResBlock, UNet, Upsample, build_unet, count_params,
                   group_norm, timestep_embedding)
 
@@ -65,8 +66,9 @@ def test_tiny_unet_param_count_by_formula():
 def test_pinned_preset_param_counts():
     # pinned once from the implementation; the tiny one is re-derived by formula above
     assert count_params(build_unet("tiny")) == 191_382
-    assert count_params(build_unet("cpu")) == 1_201_048
-    assert count_params(build_unet("cpu", image_size=64)) == 1_201_048  # size-independent weights
+    assert count_params(build_unet("cpu")) == 1_201_048 + (4 * 32 + 1) * 2 * 3  # + input skip Linear(emb, 2C)
+    assert count_params(build_unet("cpu", image_size=64)) == 1_201_822  # size-independent weights
+    assert count_params(build_unet("cpu", input_skip=False)) == 1_201_048
     paper = build_unet("paper")
     print(f"\npaper preset: {count_params(paper):,} parameters")
     assert count_params(paper) == 122_909_702  # App. C: attention at 32, 16, 8
@@ -217,6 +219,24 @@ def test_fresh_unet_outputs_exactly_zero(preset):
     size = model.config["image_size"]
     out = model(torch.randn(4, 3, size, size), torch.randint(0, 1000, (4,)))
     assert torch.equal(out, torch.zeros_like(out))  # the output conv is zero-initialised
+
+
+def test_input_skip_adds_time_dependent_affine_map_of_x_to_eps_only():
+    # eps += a(t) * x_t + b(t) (per channel); zero-initialised, so a fresh net is the plain U-Net
+    torch.manual_seed(0)
+    plain = perturbed(build_unet("tiny", stem=2, image_size=16))
+    skip = build_unet("tiny", stem=2, image_size=16, input_skip=True)
+    missing = skip.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == ["input_skip.bias", "input_skip.weight"]
+    x, t = torch.randn(3, 3, 16, 16), torch.tensor([0, 400, 999])
+    with torch.no_grad():
+        base = plain(x, t)
+        assert torch.equal(skip(x, t), base)
+        skip.input_skip.bias.copy_(torch.tensor([1.0, 2.0, 3.0, 0.1, 0.2, 0.3]))  # a = (1, 2, 3), b = (.1, .2, .3)
+        out = skip(x, t)
+    a, b = torch.tensor([1.0, 2.0, 3.0])[:, None, None], torch.tensor([0.1, 0.2, 0.3])[:, None, None]
+    torch.testing.assert_close(out[:, :3], base[:, :3] + a * x + b, atol=1e-6, rtol=0)
+    assert torch.equal(out[:, 3:], base[:, 3:])  # the variance output v is untouched
 
 
 def test_output_depends_on_timestep():

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 import classifier as classifier_lib
 import ddpm
+import dit
 import toy_circles
 import unet
 
@@ -92,6 +93,9 @@ def make_cond_fn(classifier, lambdas):
 # Models and sampling
 # ----------------------------------------------------------------------------------------------
 
+BACKBONES = {"unet": unet.UNet, "dit": dit.DiT}  # the denoiser class a checkpoint's `backbone` names
+
+
 def load_models(ddpm_ckpt, classifier_ckpt=None, device="cpu", use_ema=True):
     """(model, diffusion_dict, classifier or None), rebuilt from self-describing checkpoints, in eval mode.
 
@@ -102,12 +106,12 @@ def load_models(ddpm_ckpt, classifier_ckpt=None, device="cpu", use_ema=True):
     """
     ck = ddpm.load_checkpoint(ddpm_ckpt, "ddpm")
     try:
-        model = unet.UNet(**ck["model_config"])
+        model = BACKBONES[ck.get("backbone", "unet")](**ck["model_config"])
         model.load_state_dict(ck["ema"] if use_ema and ck.get("ema") is not None else ck["model"])
         d = ck["diffusion"]
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ddpm.CheckpointError(f"checkpoint {ddpm_ckpt} does not rebuild a UNet and its diffusion: "
+        raise ddpm.CheckpointError(f"checkpoint {ddpm_ckpt} does not rebuild its denoiser and diffusion: "
                                    f"{reason}") from None
     model = model.to(device).eval()
     if classifier_ckpt is None:

@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 import classifier
 import ddpm
+import dit
 import evaluate
 import multiguide
 import toy_circles
@@ -65,7 +66,11 @@ class Config:
     # --- data ---
     image_size: int = field(default=32, metadata={"help": "circles are drawn at 64 and scaled (toy_circles.py)"})
     # --- DDPM (App. A, C) ---
+    backbone: str = field(default="unet", metadata={"help": "denoiser: the U-Net (unet.py) or a transformer "
+                                                     "(dit.py, App. J)", "choices": ["unet", "dit"]})
     unet: str = field(default="cpu", metadata={"help": "U-Net preset in unet.py", "choices": sorted(unet.PRESETS)})
+    dit: str = field(default="cpu", metadata={"help": "DiT preset in dit.py (with --backbone dit)",
+                                              "choices": sorted(dit.PRESETS)})
     attention: str = field(default="", metadata={"help": "override attention resolutions, e.g. 16,8"})
     T: int = field(default=1000, metadata={"help": "diffusion steps"})
     schedule: str = field(default="cosine", metadata={"help": "noise schedule", "choices": ["cosine", "linear"]})
@@ -169,6 +174,8 @@ def check_config(cfg, parser):
             parser.error(f"--{name.replace('_', '-')} wants comma-separated numbers, got {getattr(cfg, name)!r}")
         if name == "lambdas" and len(values) != 2:
             parser.error(f"--lambdas wants one weight per class (2 for circles: left,right), got {len(values)}")
+    if cfg.backbone == "dit" and cfg.attention:
+        parser.error("--attention sets U-Net attention resolutions; it does not apply to --backbone dit")
     if os.path.isfile(cfg.out):
         parser.error(f"--out {cfg.out} is a file; expected a folder")
 
@@ -370,22 +377,30 @@ def check_replicas(model, rt):
 # The DDPM stage
 # ----------------------------------------------------------------------------------------------
 
-def build_ddpm(cfg):
-    """The U-Net and the training-time diffusion of a config, plus the dict that rebuilds both."""
+def build_ddpm(cfg, **unet_overrides):
+    """The U-Net and the training-time diffusion of a config, plus the dict that rebuilds both.
+
+    unet_overrides: more U-Net keywords, e.g. in_channels=1 for grey images (generalization.py)."""
     overrides = dict(image_size=cfg.image_size, learn_sigma=cfg.learn_sigma)
     if cfg.attention:
         overrides["attention_resolutions"] = tuple(int(r) for r in cfg.attention.split(","))
-    model = unet.build_unet(cfg.unet, **overrides)
+    overrides.update(unet_overrides)
+    if cfg.backbone == "dit":  # App. J: the same diffusion with a transformer denoiser
+        model = dit.build_dit(cfg.dit, image_size=cfg.image_size, learn_sigma=cfg.learn_sigma)
+    else:
+        model = unet.build_unet(cfg.unet, **overrides)
     d = dict(schedule=cfg.schedule, T=cfg.T, learn_sigma=cfg.learn_sigma, loss=cfg.loss,
              respacing=cfg.train_respacing)
     return model, ddpm.diffusion_from_config(d), d
 
 
-def ddpm_loss(diffusion, x0):
-    """loss_fn for fit: a random batch of training images (flipped at random), t ~ U{0..T-1}, eps ~ N(0, I)."""
+def ddpm_loss(diffusion, x0, hflip=True):
+    """loss_fn for fit: a random batch of training images (flipped at random unless hflip=False), t ~ U{0..T-1},
+    eps ~ N(0, I). hflip=False trains on exactly the given images (generalization.py's disjoint sets)."""
     def loss_fn(net, batch, g):
         idx = torch.randint(len(x0), (batch,), generator=g, device=g.device).to(x0.device)
         x, _ = toy_circles.random_hflip(x0[idx], torch.zeros(batch, dtype=torch.long, device=x0.device), g)
+        x = x if hflip else x0[idx]  # the flip's uniforms are drawn either way: same t and eps for both
         t = torch.randint(diffusion.num_timesteps, (batch,), generator=g, device=g.device).to(x0.device)
         noise = torch.randn(x.shape, generator=g, device=g.device).to(x0.device)
         return diffusion.training_losses(net, x, t, noise)
@@ -404,7 +419,8 @@ def train_ddpm(cfg, rt, images):
     torch.manual_seed(cfg.seed)
     model, diffusion, d = build_ddpm(cfg)
     if rt.main:
-        print(f"DDPM: U-Net '{cfg.unet}' {unet.count_params(model):,} parameters, T = {cfg.T} {cfg.schedule}, "
+        name = f"DiT '{cfg.dit}'" if cfg.backbone == "dit" else f"U-Net '{cfg.unet}'"
+        print(f"DDPM: {name} {unet.count_params(model):,} parameters, T = {cfg.T} {cfg.schedule}, "
               f"loss {cfg.loss}, {len(images)} training images of {cfg.image_size}x{cfg.image_size}")
     x0 = toy_circles.to_tensor(images).to(rt.device)
     grid_dir = os.path.join(cfg.out, "grids")
@@ -417,7 +433,7 @@ def train_ddpm(cfg, rt, images):
                                   nrow=4, scale=max(1, 128 // cfg.image_size))
             ema_model.train(False)
 
-    meta = dict(kind="ddpm", model_config=model.config, diffusion=d)
+    meta = dict(kind="ddpm", backbone=cfg.backbone, model_config=model.config, diffusion=d)
     identity = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUN_CONTROL}
     model, ema, log = fit(model, ddpm_loss(diffusion, x0), fit_settings(cfg), os.path.join(cfg.out, "ddpm.pt"),
                           rt, meta, identity, resume=cfg.resume, on_step=on_step, desc="DDPM")

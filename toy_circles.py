@@ -20,6 +20,17 @@ removed. At S = 32: r = 1 (a 5-pixel plus shape), x in {1..5} U {26..30}, y in {
 10 * 30 = 300 images; the middle band is columns 6..25. At S = 16, r = 0.5 is a single pixel.
 floor keeps the flip symmetry: S - 1 - floor(c f) = floor((63 - c) f) for integer 1 / f.
 
+Continuous discs (for generalization.py, the two-DDPMs study of Kadkhodaie et al. 2024): make_discs
+draws sub-pixel centres (optionally radii and grey levels) uniformly over a region and renders each
+disc anti-aliased: a pixel's value is the fraction of its 16 x 16 sub-pixel samples inside the disc
+(SUPERSAMPLE), times the grey level. The grid data set above is unchanged.
+
+Two variables (App. F): region "corners" keeps the centres whose x AND y both lie in the training
+bands, i.e. the four corner squares (10 x 10 = 100 centres per square at 64, 5 x 5 = 25 at 32), with
+label = 1{x >= S/2} + 2 * 1{y >= S/2}: 0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right (rows
+grow downwards). The unseen "centre square" for its evaluation is z_x and z_y both in MIDDLE_BAND.
+A left-right flip toggles the x bit of the label (label ^ 1), which is 0 <-> 1 for the circles too.
+
 This file also holds save_grid, the one PNG image-grid writer of the project.
 
 Run:  python toy_circles.py --out out/circles --size 32 --region train
@@ -39,7 +50,7 @@ LEFT_X_64 = range(2, 12)        # x in {2..11}
 RIGHT_X_64 = range(52, 62)      # x in {52..61}
 Y_64 = range(2, 62)             # y in {2..61}
 MIDDLE_BAND = (0.2, 0.8)        # unseen band of z used for the "accuracy" of Section 5.5
-REGIONS = ("train", "middle", "all", "left", "right")
+REGIONS = ("train", "middle", "all", "left", "right", "corners")
 
 
 def check_size(size):
@@ -81,8 +92,10 @@ def grid_positions(size, region, radius=None):
       "left" / "right": one training band, mapped from 64 pixels with floor(c * S / 64);
       "train": left then right (1200 at 64, 300 at 32);
       "middle": every column whose z lies in MIDDLE_BAND (never seen in training);
-      "all": every column with the disc inside the image, x in [floor r, S - 1 - floor r].
-    y always runs over the training rows (2..61 at 64, mapped like x). `radius` only matters for "all".
+      "all": every column with the disc inside the image, x in [floor r, S - 1 - floor r];
+      "corners" (App. F): x in the left or right band AND y in the same two bands (y mapped like x).
+    Except for "corners", y runs over the training rows (2..61 at 64, mapped like x). `radius` only
+    matters for "all".
     """
     size = check_size(size)
     if region not in REGIONS:
@@ -94,8 +107,9 @@ def grid_positions(size, region, radius=None):
         xs = left
     elif region == "right":
         xs = right
-    elif region == "train":
+    elif region in ("train", "corners"):
         xs = np.concatenate([left, right])
+        ys = xs if region == "corners" else ys  # App. F: y in the same two bands as x
     elif region == "middle":
         cols = np.arange(size)
         z = normalized_x(cols, size)
@@ -108,13 +122,17 @@ def grid_positions(size, region, radius=None):
 
 
 def make_circles(size=64, region="train", radius=None):
-    """The data set: dict(images uint8 (N,S,S,3), labels int64 (N,) = 1{cx >= S/2}, centres (N,2) = (x,y))."""
+    """The data set: dict(images uint8 (N,S,S,3), labels int64 (N,) = 1{cx >= S/2}, centres (N,2) = (x,y)).
+
+    Region "corners" labels the quadrant instead: 1{cx >= S/2} + 2 * 1{cy >= S/2} in 0..3 (App. F)."""
     size = check_size(size)
     r = default_radius(size) if radius is None else float(radius)
     xs, ys = grid_positions(size, region, radius=r)
     masks = _disc_masks(size, xs, ys, r)                           # (N, S, S)
     images = np.repeat(masks[..., None], 3, axis=3).astype(np.uint8) * 255  # (N, S, S, 3)
     labels = (xs >= size // 2).astype(np.int64)                    # Section 5.5: 1{z > 0.5}
+    if region == "corners":
+        labels += 2 * (ys >= size // 2)                            # App. F: the quadrant, 0..3
     return dict(images=images, labels=labels, centres=np.stack([xs, ys], axis=1))
 
 
@@ -131,13 +149,14 @@ def to_uint8(x):
 
 
 def random_hflip(x, labels, generator):
-    """Flip each sample left-right with probability 1/2; a flipped sample's label swaps 0 <-> 1.
+    """Flip each sample left-right with probability 1/2; a flipped sample's label toggles its x bit.
 
-    x: (B, C, H, W) tensor, labels: (B,) int tensor in {0, 1}; draws B uniforms from `generator`.
+    x: (B, C, H, W) tensor, labels: (B,) int tensor, {0, 1} (left/right: 0 <-> 1) or the quadrants
+    0..3 of region "corners" (0 <-> 1, 2 <-> 3); label ^ 1 does both. Draws B uniforms from `generator`.
     """
     flip = torch.rand(x.shape[0], generator=generator, device=generator.device).to(x.device) < 0.5
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)  # column c -> W - 1 - c
-    labels = torch.where(flip, 1 - labels, labels)
+    labels = torch.where(flip, labels ^ 1, labels)
     return x, labels
 
 
@@ -181,6 +200,129 @@ def save_grid(images, path, nrow=None, scale=1):
     if not ok:
         raise RuntimeError(f"cv2 could not encode the grid for {path}")
     write_bytes_atomically(path, png.tobytes())
+
+
+# ----------------------------------------------------------------------------------------------
+# Continuous discs: sub-pixel centres, anti-aliased by supersampling (used by generalization.py)
+# ----------------------------------------------------------------------------------------------
+
+SUPERSAMPLE = 16                          # K x K sub-pixel samples per pixel: 16 x 16 (area within 1% for r >= 2)
+TRAIN_BAND_Z = (11.5 / 64, 52.5 / 64)     # the grid's outer bands in z: left z <= 0.180, right z >= 0.820
+CONTINUOUS_REGIONS = ("train", "middle", "all", "left", "right")
+
+
+def disc_coverage(size, centres, radii, supersample=SUPERSAMPLE, chunk=1024):
+    """(N, S, S) float64 in [0, 1]: the fraction of each pixel that its disc covers.
+
+    Pixel (row, col) is the unit square centred on (col, row), as in draw_disc, so an integer centre
+    sits on a pixel centre. The square holds K x K sub-samples at col - 1/2 + (k + 1/2) / K,
+    k = 0..K-1 (same for rows); a sub-sample is inside when (u - cx)^2 + (v - cy)^2 <= r^2, and the
+    coverage is the inside fraction (an estimate of the disc's area in the pixel; K = supersample).
+    Only a W x W window of pixels around each disc is sampled, W = ceil(2 r) + 2 (every pixel the
+    disc can touch); parts of a disc outside the image are cut off.
+    centres: (N, 2) as (cx, cy) in pixels, any real numbers; radii: (N,) or one number.
+    """
+    centres = np.asarray(centres, dtype=np.float64).reshape(-1, 2)
+    radii = np.broadcast_to(np.asarray(radii, dtype=np.float64), (len(centres),))
+    K = int(supersample)
+    if K < 1 or len(centres) == 0:
+        raise ValueError(f"need K >= 1 and at least one centre, got supersample={supersample!r}, {len(centres)} centres")
+    W = int(math.ceil(2 * radii.max())) + 2                        # window side in pixels
+    offsets = (np.arange(K) + 0.5) / K - 0.5                       # (K,) sub-sample offsets in a pixel
+    corner = np.floor(centres - radii[:, None] - 0.5).astype(np.int64) + 1  # (N, 2) first touched (col, row)
+    out = np.zeros((len(centres), size + 2 * W, size + 2 * W))     # padded by W: windows never index out
+    pix = np.arange(W)
+    for s in range(0, len(centres), chunk):                        # chunks bound the memory: chunk (W K)^2
+        c, r, c0 = centres[s:s + chunk], radii[s:s + chunk], corner[s:s + chunk]
+        n = len(c)
+        u = ((c0[:, 0:1] + pix)[:, :, None] + offsets).reshape(n, W * K)   # (n, W K) sub-sample columns
+        v = ((c0[:, 1:2] + pix)[:, :, None] + offsets).reshape(n, W * K)   # (n, W K) sub-sample rows
+        inside = (v - c[:, 1:2])[:, :, None] ** 2 + (u - c[:, 0:1])[:, None, :] ** 2 <= (r * r)[:, None, None]
+        local = inside.reshape(n, W, K, W, K).mean(axis=(2, 4))    # (n, W rows, W cols)
+        rows = (c0[:, 1:2] + pix + W).clip(0, size + W)             # padded coordinates; beyond the far
+        cols = (c0[:, 0:1] + pix + W).clip(0, size + W)             # pad: clipped (only for a disc mostly off-image)
+        out[np.arange(s, s + n)[:, None, None], rows[:, :, None], cols[:, None, :]] = local
+    return out[:, W:W + size, W:W + size]
+
+
+def render_discs(size, centres, radii, levels=1.0, channels=1, supersample=SUPERSAMPLE):
+    """uint8 (N, S, S, channels): black background, disc value round(255 * level * coverage).
+
+    levels: grey level of each disc in (0, 1] ((N,) or one number); channels 1 (grey) or 3 (copies).
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+    cover = disc_coverage(size, centres, radii, supersample)       # (N, S, S)
+    levels = np.broadcast_to(np.asarray(levels, dtype=np.float64), (len(cover),))
+    grey = np.round(255.0 * cover * levels[:, None, None]).astype(np.uint8)
+    return np.repeat(grey[..., None], channels, axis=3)            # (N, S, S, C)
+
+
+def continuous_x_range(size, region, radius):
+    """The interval [lo, hi] of centre x for a region (the disc stays inside the image: x >= r - 1/2).
+
+    "all": [r - 1/2, S - 1/2 - r]; "left": up to z = TRAIN_BAND_Z[0], i.e. x <= 0.180 S - 1/2;
+    "right": the mirror image of "left" (x -> S - 1 - x); "middle": z in MIDDLE_BAND.
+    ("train" is left or right, with probability 1/2 each.)
+    """
+    lo, hi = radius - 0.5, size - 0.5 - radius
+    if region == "all":
+        band = (lo, hi)
+    elif region == "left":
+        band = (lo, TRAIN_BAND_Z[0] * size - 0.5)
+    elif region == "right":
+        band = (size - 1 - (TRAIN_BAND_Z[0] * size - 0.5), hi)
+    elif region == "middle":
+        band = (max(lo, MIDDLE_BAND[0] * size - 0.5), min(hi, MIDDLE_BAND[1] * size - 0.5))
+    else:
+        raise ValueError(f"region of continuous discs must be one of {CONTINUOUS_REGIONS}, got {region!r}")
+    if not band[0] < band[1]:
+        raise ValueError(f"a disc of radius {radius:g} does not fit region {region!r} of a {size}-pixel image")
+    return band
+
+
+def make_discs(n, size=32, radius=2.5, region="all", seed=0, radius_range=None, level_range=None,
+               channels=1, supersample=SUPERSAMPLE):
+    """n random anti-aliased discs: dict(images uint8 (n,S,S,C), centres float64 (n,2) = (x,y),
+    radii (n,), levels (n,), labels int64 (n,) = 1{z > 1/2}).
+
+    Centres are uniform over the region (continuous_x_range for x; y in [r - 1/2, S - 1/2 - r]);
+    radius_range = (lo, hi) draws radii uniformly instead of the fixed radius, level_range = (lo, hi)
+    grey levels instead of white. One numpy Generator seeded with `seed` draws everything, so a seed
+    fixes the set. With a fixed radius and level the images form a 2-D manifold (cx, cy).
+    Any size works here (not only 64 / k).
+    """
+    if n < 1:
+        raise ValueError(f"need at least one disc, got n = {n}")
+    rng = np.random.default_rng(seed)
+    r_max = radius if radius_range is None else max(radius_range)
+    radii = np.full(n, float(radius)) if radius_range is None else rng.uniform(*radius_range, size=n)
+    levels = np.ones(n) if level_range is None else rng.uniform(*level_range, size=n)
+    if region == "train":                                          # left or right band, mirror images
+        lo, hi = continuous_x_range(size, "left", r_max)
+        xs = rng.uniform(lo, hi, size=n)
+        right = rng.random(n) < 0.5
+        xs = np.where(right, size - 1 - xs, xs)                    # flip: x -> S - 1 - x
+    else:
+        xs = rng.uniform(*continuous_x_range(size, region, r_max), size=n)
+    ys = rng.uniform(r_max - 0.5, size - 0.5 - r_max, size=n)
+    centres = np.stack([xs, ys], axis=1)
+    images = render_discs(size, centres, radii, levels, channels, supersample)
+    labels = (normalized_x(xs, size) > 0.5).astype(np.int64)       # Section 5.5's 1{z > 1/2}
+    return dict(images=images, centres=centres, radii=radii, levels=levels, labels=labels)
+
+
+def disc_tangents(size, centre, radius, level=1.0, h=0.25, supersample=32):
+    """(2, S, S) float64: d image / d cx and d image / d cy of one disc, by central differences
+    (image(c + h e) - image(c - h e)) / 2h of the coverage times the level, in [0, 1] units per pixel.
+
+    These span the tangent plane of the 2-D disc manifold at that disc. A finer sub-pixel grid
+    (32 x 32) than the data's keeps the difference from stepping over whole sub-samples.
+    """
+    c = np.asarray(centre, dtype=np.float64)
+    shifts = np.array([c + [h, 0], c - [h, 0], c + [0, h], c - [0, h]])
+    cover = disc_coverage(size, shifts, radius, supersample) * level   # (4, S, S)
+    return np.stack([cover[0] - cover[1], cover[2] - cover[3]]) / (2 * h)
 
 
 def _size_arg(text):

@@ -7,11 +7,18 @@ What this file is
        number of steps, AdamW with linear warm-up, EMA, gradient clipping, mixed precision,
        DistributedDataParallel under torchrun, atomic self-describing checkpoints and exact resume.
     3. The circles experiment of the paper's Section 5.5: data -> DDPM -> noisy classifier(s) ->
-       multi-guided and unconditional sampling -> evaluation -> report.md.
+       multi-guided and unconditional sampling -> evaluation -> report.md. Variants by flag, on the
+       same code: `--guidance free` (alias `--cfg`) trains a class-conditional DDPM with label
+       dropout and adds classifier-free multi-guidance (App. J) to the lambda sweep; `--data corners`
+       is the two-variable experiment (App. F: four corner squares, 4 classes, the unseen centre
+       square); a centre regressor (App. K) scores the guided samples beside the circle detector.
 
 Run it
     python train.py --data circles                      # CPU preset, writes runs/circles/
     python train.py --data circles --paper              # the paper's configuration (GPU)
+    python train.py --data circles --cfg --out runs/cfg # classifier-free vs classifier, lambda 0..30
+    python train.py --data corners                      # two variables, writes runs/corners/
+    python train.py --data celeba --attr Smiling --root R   # faces, Sec. 5.1-5.3 (section "Faces" below)
     torchrun --nproc_per_node 2 train.py --data circles # several processes / GPUs
     python train.py --help                              # every option, with its default
 
@@ -29,9 +36,12 @@ Reproducibility
 import argparse
 import copy
 import dataclasses
+import functools
+import io
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -46,6 +56,7 @@ import classifier
 import ddpm
 import dit
 import evaluate
+import filter_data
 import multiguide
 import toy_circles
 import unet
@@ -58,7 +69,9 @@ import unet
 @dataclass
 class Config:
     """Every number of a run. Defaults are the CPU circles preset; PAPER_PRESETS holds the paper's."""
-    data: str = field(default="circles", metadata={"help": "data set preset", "choices": ["circles"]})
+    data: str = field(default="circles", metadata={"help": "data set preset: circles (Sec. 5.5), corners "
+                                                   "(two variables, App. F) or celeba (faces, Sec. 5.1-5.3)",
+                                                   "choices": ["circles", "corners", "celeba"]})
     out: str = field(default="", metadata={"help": "output folder (default runs/<data>)"})
     seed: int = field(default=0, metadata={"help": "fixes data order, noise, initialisation, sampling"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
@@ -93,8 +106,17 @@ class Config:
     sampler: str = field(default="ddpm", metadata={"help": "reverse process", "choices": ["ddpm", "ddim"]})
     n_samples: int = field(default=256, metadata={"help": "samples per evaluation (the paper: 1000)"})
     sample_batch: int = field(default=128, metadata={"help": "images per sampling batch"})
-    lambdas: str = field(default="30,30", metadata={"help": "multi-guidance weights, one per class (left,right)"})
-    lambda_sweep: str = field(default="", metadata={"help": "also evaluate these equal weights, e.g. 0,10,30,60"})
+    lambdas: str = field(default="30,30", metadata={"help": "multi-guidance weights, one per class (left,right; "
+                                                 "corners: quadrants 0-3, row-major)"})
+    lambda_sweep: str = field(default="", metadata={"help": "also evaluate these equal weights, e.g. 0,10,30,60 "
+                                                     "(with --guidance free: default 0,1,3,10,30, both guidances)"})
+    # --- classifier-free multi-guidance (App. J) ---
+    guidance: str = field(default="classifier", metadata={
+        "help": "classifier: unconditional DDPM + noisy classifier (Eq. 2); free (alias --cfg): a "
+                "class-conditional DDPM, also sampled with classifier-free multi-guidance (App. J)",
+        "choices": ["classifier", "free"]})
+    label_dropout: float = field(default=0.1, metadata={"help": "with --guidance free: probability that a "
+                                                        "training label becomes the null label (App. J)"})
     # --- noisy guidance classifier (Sec. 4.2, 5.5) ---
     clf: str = field(default="cpu", metadata={"help": "classifier preset in classifier.py", "choices": sorted(classifier.PRESETS)})
     clf_steps: int = field(default=500, metadata={"help": "classifier training steps"})
@@ -103,17 +125,41 @@ class Config:
     spectral_norm: bool = field(default=False, metadata={"help": "spectral normalisation in the classifier (Sec. 5.5)"})
     runs: int = field(default=1, metadata={"help": "classifiers with different seeds, one DDPM (the paper: 10)"})
     heatmap_t: int = field(default=0, metadata={"help": "chain step of the classifier heatmap (Fig. 7b)"})
+    regressor_steps: int = field(default=500, metadata={"help": "App. K evaluator: training steps of the centre "
+                                                        "regressor on circles at every position (0 = none)"})
     # --- run control (not part of a run's identity) ---
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its checkpoints"})
     overwrite: bool = field(default=False, metadata={"help": "start afresh in an --out that holds another run"})
     stop_at: int = field(default=0, metadata={"help": "stop (with a checkpoint) after this step; 0 = never"})
+    force: bool = field(default=False, metadata={"help": "--data celeba: run the paper's configuration even "
+                                                 "without a GPU (otherwise: print the time it would take, exit)"})
+    # --- faces (--data celeba, Sec. 5.1-5.3; see the section "Faces" at the end of this file) ---
+    root: str = field(default="", metadata={"help": "--data celeba: CelebA folder (img_align_celeba/, "
+                                            "list_attr_celeba.txt, list_eval_partition.txt)"})
+    attr: str = field(default="Smiling", metadata={"help": "--data celeba: the CelebA attribute (class 1 = present)"})
+    subset: str = field(default="all", metadata={"help": "--data celeba: extreme faces kept by filter_data.py "
+                                                 "(Table 1: 60k, 30k, 10k, 5k; all = every survivor)",
+                                                 "choices": ["all", "60k", "30k", "10k", "5k"]})
+    filter_args: str = field(default="", metadata={"help": "--data celeba: more filter_data.py flags, e.g. "
+                                                   "'--steps 100 --width 8' (--paper passes its --paper)"})
 
 
 # Options that may change when a run is resumed. --steps may grow: the learning rate does not
-# depend on the total, so 2000 steps then 1000 more equal 3000 steps in one go.
-RUN_CONTROL = ("resume", "overwrite", "stop_at", "device", "threads", "out", "steps")
+# depend on the total, so 2000 steps then 1000 more equal 3000 steps in one go. --runs and
+# --lambda-sweep may grow too: more classifier seeds or guidance weights reuse the finished DDPM.
+RUN_CONTROL = ("resume", "overwrite", "stop_at", "device", "threads", "out", "steps", "runs", "lambda_sweep",
+               "force")
 
-PRESETS = {"circles": {}}  # the dataclass defaults are the circles CPU preset
+# Each data set: the toy_circles region of its training images and its number of classes.
+DATA = {"circles": dict(region="train", classes=2),     # Sec. 5.5: left / right bands
+        "corners": dict(region="corners", classes=4),   # App. F: four corner squares, label = quadrant
+        "celeba": dict(region=None, classes=2, flip_swaps_label=False)}  # Sec. 5.1: a mirrored smile is a smile
+# flip_swaps_label (default True): a left-right flip turns a circle on the left into one on the right,
+# so the classifier's flips toggle the label; a flipped face keeps its label.
+CFG_SWEEP = "0,1,3,10,30"  # the lambda sweep of a --guidance free run when --lambda-sweep is not given
+
+PRESETS = {"circles": {},  # the dataclass defaults are the circles CPU preset
+           "corners": dict(lambdas="30,30,30,30")}  # App. F: "lambda = 30 across all classes"
 PAPER_PRESETS = {
     # Section 5.5 with the authors' released circles config (PAPER_FACTS.md): 64x64, 128 channels,
     # mult 1,2,3,4, 3 res blocks, attention at 16 and 8, T = 4000 cosine respaced to 250 steps for
@@ -123,6 +169,20 @@ PAPER_PRESETS = {
                     sample_respacing="64", ckpt_every=2000, grid_every=5000, log_every=200,
                     n_samples=1000, sample_batch=250, clf="paper", clf_steps=3000, clf_lr=3e-4, runs=10),
 }
+PAPER_PRESETS["corners"] = dict(PAPER_PRESETS["circles"], lambdas="30,30,30,30")  # same numbers, 4 classes
+# Faces (Sec. 5.1). CPU: a SMOKE-SCALE run (runs end to end on a laptop; not a reproduction): the
+# "cpu" U-Net and classifier at 64x64 (pixel-unshuffle stem: they run at 32, 16, 8), 500 DDPM steps.
+PRESETS["celeba"] = dict(image_size=64, steps=500, batch=16, log_every=25, ckpt_every=100, grid_every=0,
+                         clf_steps=200, clf_batch=32, n_samples=256, regressor_steps=0)
+# GPU: App. C (250k DDPM steps, lr 1e-4, no weight decay, EMA 0.9999, T = 4000 cosine, L_hybrid, learned
+# variance, 3 res blocks, attention at 32, 16, 8; classifier 150k steps at lr 3e-4), 10k samples with 250
+# respaced steps (Sec. 5.1, App. C), the 60k subset (Sec. 5.1). Batch 64 and fp16 are the circles'
+# released config (App. C gives no batch size); filter_data.py gets its own --paper.
+PAPER_PRESETS["celeba"] = dict(image_size=64, unet="paper", T=4000, steps=250000, batch=64, lr=1e-4, warmup=0,
+                               ema=0.9999, precision="fp16", sample_respacing="250", ckpt_every=5000,
+                               grid_every=25000, log_every=500, n_samples=10000, sample_batch=250, clf="paper",
+                               clf_steps=150000, clf_lr=3e-4, runs=1, regressor_steps=0, subset="60k",
+                               filter_args="--paper")
 
 
 def parse_config(argv=None):
@@ -135,6 +195,7 @@ def parse_config(argv=None):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=meta["help"])
         else:
             parser.add_argument(flag, type=type(f.default), default=None, **meta)
+    parser.add_argument("--cfg", action="store_const", const="free", dest="guidance", help="same as --guidance free")
     args = parser.parse_args(argv)
     values = {**PRESETS[args.data or "circles"], **(PAPER_PRESETS[args.data or "circles"] if args.paper else {})}
     values.update({k: v for k, v in vars(args).items() if v is not None and k != "paper"})
@@ -142,6 +203,13 @@ def parse_config(argv=None):
     cfg.out = cfg.out or os.path.join("runs", cfg.data + ("_paper" if args.paper else ""))
     check_config(cfg, parser)
     return cfg
+
+
+def identity_diff(old, new):
+    """The keys of a run's identity `new` whose values differ in `old`; a key that an older run's record
+    lacks counts as its Config default (an option added later changes nothing at its default)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    return sorted(k for k in new if old.get(k, defaults.get(k)) != new[k])
 
 
 def parse_floats(text):
@@ -156,6 +224,10 @@ def check_config(cfg, parser):
     for name in positive:
         if getattr(cfg, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.regressor_steps < 0:
+        parser.error(f"--regressor-steps must be >= 0 (0 = no regressor), got {cfg.regressor_steps}")
+    if not 0.0 <= cfg.label_dropout < 1.0:
+        parser.error(f"--label-dropout must be in [0, 1), got {cfg.label_dropout}")
     if not 0.0 <= cfg.ema < 1.0:
         parser.error(f"--ema must be in [0, 1), got {cfg.ema}")
     if cfg.lr <= 0:
@@ -172,12 +244,16 @@ def check_config(cfg, parser):
             values = parse_floats(getattr(cfg, name))
         except ValueError:
             parser.error(f"--{name.replace('_', '-')} wants comma-separated numbers, got {getattr(cfg, name)!r}")
-        if name == "lambdas" and len(values) != 2:
-            parser.error(f"--lambdas wants one weight per class (2 for circles: left,right), got {len(values)}")
+        classes = DATA[cfg.data]["classes"]
+        if name == "lambdas" and len(values) != classes:
+            parser.error(f"--lambdas wants one weight per class ({classes} for {cfg.data}: "
+                         f"{'left,right' if classes == 2 else 'the 4 quadrants'}), got {len(values)}")
     if cfg.backbone == "dit" and cfg.attention:
         parser.error("--attention sets U-Net attention resolutions; it does not apply to --backbone dit")
     if os.path.isfile(cfg.out):
         parser.error(f"--out {cfg.out} is a file; expected a folder")
+    if cfg.data == "celeba":
+        check_faces(cfg, parser)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,8 +347,9 @@ def fit(model, loss_fn, s, ckpt_path, rt, meta, identity, resume=False, on_step=
     start, log = 0, []
     if os.path.exists(ckpt_path) and resume:
         ckpt = ddpm.load_checkpoint(ckpt_path, meta["kind"])
-        if ckpt["identity"] != identity:
-            diff = sorted(k for k in identity if ckpt["identity"].get(k) != identity.get(k))
+        diff = identity_diff(ckpt["identity"], identity) + sorted(set(ckpt["identity"]) - set(identity)
+                                                                  - set(RUN_CONTROL))
+        if diff:
             raise SystemExit(f"cannot resume from {ckpt_path}: it was trained with a different config "
                              f"({', '.join(diff)}); use another --out or --overwrite")
         model.load_state_dict(ckpt["model"])
@@ -380,13 +457,15 @@ def check_replicas(model, rt):
 def build_ddpm(cfg, **unet_overrides):
     """The U-Net and the training-time diffusion of a config, plus the dict that rebuilds both.
 
-    unet_overrides: more U-Net keywords, e.g. in_channels=1 for grey images (generalization.py)."""
-    overrides = dict(image_size=cfg.image_size, learn_sigma=cfg.learn_sigma)
+    unet_overrides: more U-Net keywords, e.g. in_channels=1 for grey images (generalization.py).
+    With cfg.guidance "free" the denoiser is class-conditional (num_classes of cfg.data, App. J)."""
+    num_classes = DATA[cfg.data]["classes"] if cfg.guidance == "free" else 0
+    overrides = dict(image_size=cfg.image_size, learn_sigma=cfg.learn_sigma, num_classes=num_classes)
     if cfg.attention:
         overrides["attention_resolutions"] = tuple(int(r) for r in cfg.attention.split(","))
     overrides.update(unet_overrides)
     if cfg.backbone == "dit":  # App. J: the same diffusion with a transformer denoiser
-        model = dit.build_dit(cfg.dit, image_size=cfg.image_size, learn_sigma=cfg.learn_sigma)
+        model = dit.build_dit(cfg.dit, image_size=cfg.image_size, learn_sigma=cfg.learn_sigma, num_classes=num_classes)
     else:
         model = unet.build_unet(cfg.unet, **overrides)
     d = dict(schedule=cfg.schedule, T=cfg.T, learn_sigma=cfg.learn_sigma, loss=cfg.loss,
@@ -394,16 +473,28 @@ def build_ddpm(cfg, **unet_overrides):
     return model, ddpm.diffusion_from_config(d), d
 
 
-def ddpm_loss(diffusion, x0, hflip=True):
+def ddpm_loss(diffusion, x0, hflip=True, labels=None, label_dropout=0.0):
     """loss_fn for fit: a random batch of training images (flipped at random unless hflip=False), t ~ U{0..T-1},
-    eps ~ N(0, I). hflip=False trains on exactly the given images (generalization.py's disjoint sets)."""
+    eps ~ N(0, I). hflip=False trains on exactly the given images (generalization.py's disjoint sets).
+
+    labels (N,) trains a class-conditional denoiser for classifier-free guidance (App. J; Ho &
+    Salimans 2022, Algorithm 1): net(x_t, t, y) with the batch's labels (a flip toggles them like the
+    images), each replaced by the null label net.num_classes with probability label_dropout (0.1 in
+    the released config), drawn after t and eps, so the unconditional path's draws are unchanged.
+    The fraction of null labels is logged as "null_label"."""
     def loss_fn(net, batch, g):
         idx = torch.randint(len(x0), (batch,), generator=g, device=g.device).to(x0.device)
-        x, _ = toy_circles.random_hflip(x0[idx], torch.zeros(batch, dtype=torch.long, device=x0.device), g)
-        x = x if hflip else x0[idx]  # the flip's uniforms are drawn either way: same t and eps for both
+        y0 = labels[idx] if labels is not None else torch.zeros(batch, dtype=torch.long, device=x0.device)
+        x, y = toy_circles.random_hflip(x0[idx], y0, g)
+        x, y = (x, y) if hflip else (x0[idx], y0)  # the flip's uniforms are drawn either way: same t and eps
         t = torch.randint(diffusion.num_timesteps, (batch,), generator=g, device=g.device).to(x0.device)
         noise = torch.randn(x.shape, generator=g, device=g.device).to(x0.device)
-        return diffusion.training_losses(net, x, t, noise)
+        if labels is None:
+            return diffusion.training_losses(net, x, t, noise)
+        null = torch.rand(batch, generator=g, device=g.device).to(x0.device) < label_dropout
+        y = torch.where(null, getattr(net, "module", net).num_classes, y)  # DDP wraps the model in .module
+        terms = diffusion.training_losses(functools.partial(net, y=y), x, t, noise)
+        return dict(terms, null_label=null.float())
     return loss_fn
 
 
@@ -414,15 +505,21 @@ def fit_settings(cfg, **changes):
     return dataclasses.replace(s, **changes)
 
 
-def train_ddpm(cfg, rt, images):
-    """Stage 1: the unconditional DDPM on the training images; writes ddpm.pt and EMA sample grids."""
+def train_ddpm(cfg, rt, images, labels=None):
+    """Stage 1: the DDPM on the training images; writes ddpm.pt and EMA sample grids. Unconditional,
+    or with cfg.guidance "free" class-conditional on `labels` with label dropout (App. J)."""
     torch.manual_seed(cfg.seed)
     model, diffusion, d = build_ddpm(cfg)
+    if model.num_classes and labels is None:
+        raise ValueError("a class-conditional DDPM (--guidance free) needs the training labels")
     if rt.main:
         name = f"DiT '{cfg.dit}'" if cfg.backbone == "dit" else f"U-Net '{cfg.unet}'"
-        print(f"DDPM: {name} {unet.count_params(model):,} parameters, T = {cfg.T} {cfg.schedule}, "
+        kind = (f"class-conditional ({model.num_classes} classes, label dropout {cfg.label_dropout:g}), "
+                if model.num_classes else "")
+        print(f"DDPM: {name} {unet.count_params(model):,} parameters, {kind}T = {cfg.T} {cfg.schedule}, "
               f"loss {cfg.loss}, {len(images)} training images of {cfg.image_size}x{cfg.image_size}")
     x0 = toy_circles.to_tensor(images).to(rt.device)
+    y = torch.as_tensor(labels).to(rt.device) if model.num_classes else None
     grid_dir = os.path.join(cfg.out, "grids")
 
     def on_step(step, ema_model):
@@ -435,7 +532,8 @@ def train_ddpm(cfg, rt, images):
 
     meta = dict(kind="ddpm", backbone=cfg.backbone, model_config=model.config, diffusion=d)
     identity = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUN_CONTROL}
-    model, ema, log = fit(model, ddpm_loss(diffusion, x0), fit_settings(cfg), os.path.join(cfg.out, "ddpm.pt"),
+    loss_fn = ddpm_loss(diffusion, x0, labels=y, label_dropout=cfg.label_dropout)
+    model, ema, log = fit(model, loss_fn, fit_settings(cfg), os.path.join(cfg.out, "ddpm.pt"),
                           rt, meta, identity, resume=cfg.resume, on_step=on_step, desc="DDPM")
     return ema, d, log
 
@@ -444,11 +542,13 @@ def train_ddpm(cfg, rt, images):
 # The classifier stage
 # ----------------------------------------------------------------------------------------------
 
-def classifier_loss(diffusion, x0, labels):
-    """loss_fn for fit: noisy images x_t at t ~ U{0..T-1} with their labels (flips swap the label)."""
+def classifier_loss(diffusion, x0, labels, swap_labels=True):
+    """loss_fn for fit: noisy images x_t at t ~ U{0..T-1} with their labels (flips swap the label of a
+    circle; with swap_labels=False, for faces, a flipped image keeps its label)."""
     def loss_fn(net, batch, g):
         idx = torch.randint(len(x0), (batch,), generator=g, device=g.device).to(x0.device)
         x, y = toy_circles.random_hflip(x0[idx], labels[idx], g)
+        y = y if swap_labels else labels[idx]  # the same draws either way: only the label differs
         t = torch.randint(diffusion.num_timesteps, (batch,), generator=g, device=g.device).to(x0.device)
         noise = torch.randn(x.shape, generator=g, device=g.device).to(x0.device)
         return classifier.classifier_losses(net, diffusion, x, y, t, noise)
@@ -459,7 +559,8 @@ def train_classifier(cfg, rt, data, run_index):
     """Stage 2: noisy classifier number `run_index` (seed = --seed + run_index), writes classifier{run}.pt."""
     seed = cfg.seed + run_index
     torch.manual_seed(seed)
-    model = classifier.build_classifier(cfg.clf, image_size=cfg.image_size, spectral_norm=cfg.spectral_norm)
+    model = classifier.build_classifier(cfg.clf, image_size=cfg.image_size, spectral_norm=cfg.spectral_norm,
+                                        num_classes=DATA[cfg.data]["classes"])
     _, diffusion, d = build_ddpm(cfg)
     x0 = toy_circles.to_tensor(data["images"]).to(rt.device)
     labels = torch.as_tensor(data["labels"]).to(rt.device)
@@ -467,9 +568,36 @@ def train_classifier(cfg, rt, data, run_index):
     identity = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUN_CONTROL}
     s = fit_settings(cfg, steps=cfg.clf_steps, batch=cfg.clf_batch, lr=cfg.clf_lr, warmup=0, ema=0.0,
                      seed=seed, stream=1, ckpt_every=max(cfg.clf_steps, 1), stop_at=0)
-    model, _, log = fit(model, classifier_loss(diffusion, x0, labels), s,
+    swap = DATA[cfg.data].get("flip_swaps_label", True)
+    model, _, log = fit(model, classifier_loss(diffusion, x0, labels, swap), s,
                         os.path.join(cfg.out, f"classifier{run_index}.pt"), rt, meta, identity,
                         resume=cfg.resume, desc=f"classifier {run_index}")
+    return model.eval(), log
+
+
+def regressor_loss(x0, targets):
+    """loss_fn for fit: clean images and their known attributes (App. K), no noise, no flips."""
+    def loss_fn(net, batch, g):
+        idx = torch.randint(len(x0), (batch,), generator=g, device=g.device).to(x0.device)
+        return classifier.regression_losses(net, x0[idx], targets[idx])
+    return loss_fn
+
+
+def train_regressor(cfg, rt, data):
+    """The App. K evaluator: the classifier network (preset cfg.clf) with 2 outputs regressing the
+    centre (z_x, z_y) = (c + 0.5) / S of clean circles; `data` is a make_circles dict, normally region
+    "all" (every position: an evaluator may see data the DDPM never saw, like the paper's evaluation
+    classifier). cfg.regressor_steps steps at cfg.clf_batch and cfg.clf_lr; writes regressor.pt."""
+    torch.manual_seed(cfg.seed)
+    model = classifier.build_classifier(cfg.clf, image_size=cfg.image_size, num_classes=2)
+    x0 = toy_circles.to_tensor(data["images"]).to(rt.device)
+    targets = torch.as_tensor(toy_circles.normalized_x(data["centres"], cfg.image_size), dtype=torch.float32)
+    meta = dict(kind="regressor", model_config=model.config, targets=["z_x", "z_y"])
+    identity = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUN_CONTROL}
+    s = fit_settings(cfg, steps=cfg.regressor_steps, batch=cfg.clf_batch, lr=cfg.clf_lr, warmup=0, ema=0.0,
+                     seed=cfg.seed, stream=2, ckpt_every=max(cfg.regressor_steps, 1), stop_at=0)
+    model, _, log = fit(model, regressor_loss(x0, targets.to(rt.device)), s, os.path.join(cfg.out, "regressor.pt"),
+                        rt, meta, identity, resume=cfg.resume, desc="regressor")
     return model.eval(), log
 
 
@@ -496,7 +624,7 @@ def prepare_out(cfg):
                     old = json.load(fh)
             except (OSError, ValueError):
                 raise SystemExit(f"train.py: {config_path} is unreadable; cannot --resume from it") from None
-            diff = sorted(k for k in identity if old.get(k) != identity[k])
+            diff = identity_diff(old, identity)
             if diff:
                 raise SystemExit(f"train.py: cannot --resume {cfg.out}: its run used other values for "
                                  f"{', '.join('--' + k.replace('_', '-') for k in diff)}")
@@ -507,8 +635,10 @@ def prepare_out(cfg):
 PAPER_CIRCLES = dict(accuracy=(0.78, 0.087), bad=(0.0425, 0.0245), spectral_best=0.90)  # Sec. 5.5
 
 
-def sample_and_evaluate(cfg, rt, model, d, name, ddpm_step, clf=None, lambdas=(0.0, 0.0)):
+def sample_and_evaluate(cfg, rt, model, d, name, ddpm_step, clf=None, lambdas=(0.0, 0.0), guidance="classifier"):
     """Sample cfg.n_samples images (guided when lambdas != 0), save NPZ + grid, return circle_stats.
+
+    guidance "classifier" guides with clf (Eq. 2); "free" with the class-conditional model itself (App. J).
 
     Under --resume, samples already drawn from the same DDPM step with the same weights are reused.
     """
@@ -518,9 +648,10 @@ def sample_and_evaluate(cfg, rt, model, d, name, ddpm_step, clf=None, lambdas=(0
         if int(old["ddpm_step"]) == ddpm_step and list(old["lambdas"]) == list(lambdas):
             images = old["images"]
             return _save_sample_grid(cfg, images, name)
-    x = multiguide.sample(model, d, cfg.n_samples, classifier=clf if any(lambdas) else None,
+    x = multiguide.sample(model, d, cfg.n_samples, classifier=clf if any(lambdas) and guidance == "classifier" else None,
                           lambdas=list(lambdas), respacing=cfg.sample_respacing, sampler=cfg.sampler,
-                          batch=cfg.sample_batch, seed=cfg.seed + 1, device=rt.device, progress=True)
+                          batch=cfg.sample_batch, seed=cfg.seed + 1, device=rt.device, progress=True,
+                          guidance=guidance)
     images = toy_circles.to_uint8(x)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp.npz"
@@ -539,17 +670,41 @@ def mean_std(values):
     return float(np.mean(values)), float(np.std(values))
 
 
+def sample_summary(stats):
+    """The numbers of one sample set kept in results.json: accuracy, bad and centre-square fractions."""
+    return dict(accuracy=stats["accuracy"], bad_fraction=stats["bad_fraction"], centre_fraction=stats["centre_fraction"])
+
+
+def guidance_sweep(cfg, rt, model, d, ddpm_step, clf):
+    """One row per lambda of --lambda-sweep, the same lambda on every class: classifier multi-guidance
+    (Eq. 2, classifier `clf`) and, in a --guidance free run, classifier-free multi-guidance (App. J) of
+    the same DDPM under "free" (a free run without --lambda-sweep sweeps CFG_SWEEP). In a free run the
+    classifier guides the null-label model, the DDPM's unconditional half: both columns share one network."""
+    rows, classes = [], DATA[cfg.data]["classes"]
+    for lam in parse_floats(cfg.lambda_sweep or (CFG_SWEEP if cfg.guidance == "free" else "")):
+        stats = sample_and_evaluate(cfg, rt, model, d, f"sweep_lambda{lam:g}", ddpm_step, clf, (lam,) * classes)
+        rows.append(dict(lam=lam, **sample_summary(stats)))
+        line = f"lambda {lam:g}: accuracy {stats['accuracy']:.3f}, bad {stats['bad_fraction']:.3f}"
+        if cfg.guidance == "free":
+            free = sample_and_evaluate(cfg, rt, model, d, f"cfg_lambda{lam:g}", ddpm_step, None, (lam,) * classes,
+                                       guidance="free")
+            rows[-1]["free"] = sample_summary(free)
+            line += f" | classifier-free: accuracy {free['accuracy']:.3f}, bad {free['bad_fraction']:.3f}"
+        print(line)
+    return rows
+
+
 def run_experiment(cfg, rt):
     """Data -> DDPM -> classifiers -> guided + unconditional samples -> evaluation -> report.md."""
     t_start = time.time()
-    data = toy_circles.make_circles(cfg.image_size, "train")
+    data = toy_circles.make_circles(cfg.image_size, DATA[cfg.data]["region"])
     if rt.main:
         toy_circles.save_grid(data["images"][::max(1, len(data["images"]) // 64)][:64],
                               os.path.join(cfg.out, "figures", "training_data.png"), nrow=8,
                               scale=max(1, 64 // cfg.image_size))
     timings = {}
     t0 = time.time()
-    ema, d, log = train_ddpm(cfg, rt, data["images"])
+    ema, d, log = train_ddpm(cfg, rt, data["images"], data["labels"])
     ddpm_step = log[-1]["step"] if log else 0
     timings["ddpm_training_s"] = time.time() - t0
     if rt.main and log:
@@ -562,6 +717,10 @@ def run_experiment(cfg, rt):
         if rt.main and clf_log:
             print(f"classifier {r}: final loss {clf_log[-1]['loss']:.4f}, noisy accuracy {clf_log[-1]['acc']:.3f}")
     timings["classifier_training_s"] = time.time() - t0
+    regressor, t0 = None, time.time()
+    if cfg.regressor_steps:  # App. K: the evaluator sees circles at every position
+        regressor, _ = train_regressor(cfg, rt, toy_circles.make_circles(cfg.image_size, "all"))
+    timings["regressor_training_s"] = time.time() - t0
     if rt.world > 1:  # sampling and evaluation are cheap: rank 0 does them alone
         dist.barrier()
         if not rt.main:
@@ -570,7 +729,8 @@ def run_experiment(cfg, rt):
     diffusion = ddpm.diffusion_from_config(d)
     xs, ys, p = classifier.heatmap(clfs[0], diffusion, cfg.image_size, t=cfg.heatmap_t, seed=cfg.seed)
     heat = classifier.plot_heatmap(xs, ys, p, cfg.image_size, os.path.join(cfg.out, "figures", "classifier_heatmap.png"),
-                                   f"p(right | circle at x, y), classifier 0, t = {cfg.heatmap_t}")
+                                   f"p({'right' if cfg.data == 'circles' else 'class 1, top right'} | circle at "
+                                   f"x, y), classifier 0, t = {cfg.heatmap_t}")
     t0 = time.time()
     uncond = sample_and_evaluate(cfg, rt, ema, d, "unconditional", ddpm_step)
     timings["unguided_sampling_s"] = time.time() - t0
@@ -579,22 +739,30 @@ def run_experiment(cfg, rt):
     for r, clf in enumerate(clfs):
         stats = sample_and_evaluate(cfg, rt, ema, d, f"guided_run{r}", ddpm_step, clf, lambdas)
         runs.append(stats)
-        print(f"run {r}: accuracy {stats['accuracy']:.3f}, bad {stats['bad_fraction']:.3f}")
+        print(f"run {r}: accuracy {stats['accuracy']:.3f}, bad {stats['bad_fraction']:.3f}, "
+              f"centre square {stats['centre_fraction']:.3f}")
     timings["guided_sampling_s"] = time.time() - t0
-    sweep = []
-    for lam in parse_floats(cfg.lambda_sweep):
-        stats = sample_and_evaluate(cfg, rt, ema, d, f"sweep_lambda{lam:g}", ddpm_step, clfs[0], (lam, lam))
-        sweep.append(dict(lam=lam, accuracy=stats["accuracy"], bad_fraction=stats["bad_fraction"]))
-        print(f"lambda {lam:g}: accuracy {stats['accuracy']:.3f}, bad {stats['bad_fraction']:.3f}")
+    t0 = time.time()
+    sweep = guidance_sweep(cfg, rt, ema, d, ddpm_step, clfs[0])
+    timings["sweep_sampling_s"] = time.time() - t0
     z_all = np.concatenate([np.asarray(s["z"])[np.asarray(s["n_circles"]) == 1] for s in runs])
     evaluate.plot_centre_histogram(z_all, os.path.join(cfg.out, "figures", "centre_x_histogram.png"), cfg.image_size,
                                    f"circle centre x of guided samples, lambda = {cfg.lambdas} ({len(runs)} runs)")
     evaluate.write_circles_csv(runs[0], os.path.join(cfg.out, "samples", "guided_run0.csv"))
+    if cfg.data == "corners":  # App. F: where the guided samples land in 2-D
+        evaluate.plot_centre_heatmap(np.concatenate([s["cx"] for s in runs]), np.concatenate([s["cy"] for s in runs]),
+                                     cfg.image_size, os.path.join(cfg.out, "figures", "centre_heatmap.png"),
+                                     f"centres of guided samples, lambda = {cfg.lambdas} ({len(runs)} runs)")
+    regression = None
+    if regressor is not None:  # App. K: the regressor's z_x of guided run 0 against the detector's
+        images = np.load(os.path.join(cfg.out, "samples", "guided_run0.npz"))["images"]
+        regression = evaluate.regressor_vs_detector(evaluate.regressor_scores(regressor, images), runs[0])
     timings["total_s"] = time.time() - t_start
     results = dict(
+        data=cfg.data, guidance=cfg.guidance,
         accuracy=mean_std([s["accuracy"] for s in runs]), bad_fraction=mean_std([s["bad_fraction"] for s in runs]),
-        per_run=[dict(accuracy=s["accuracy"], bad_fraction=s["bad_fraction"]) for s in runs],
-        unconditional=dict(accuracy=uncond["accuracy"], bad_fraction=uncond["bad_fraction"]),
+        centre_fraction=mean_std([s["centre_fraction"] for s in runs]),
+        per_run=[sample_summary(s) for s in runs], unconditional=sample_summary(uncond), regressor=regression,
         lambdas=lambdas, lambda_sweep=sweep, heatmap=dict(middle_mean_p=heat["middle_mean_p"],
                                                            transition_width=heat["transition_width"]),
         n_samples=cfg.n_samples, sample_respacing=cfg.sample_respacing, sampler=cfg.sampler, runs=cfg.runs,
@@ -619,34 +787,79 @@ def report_markdown(cfg, r):
         f"| bad fraction: 0 or >= 2 circles | {100 * bad[0]:.1f}% +- {100 * bad[1]:.1f}% | "
         f"{100 * pb[0]:.2f}% +- {100 * pb[1]:.2f}% |",
         f"| unconditional accuracy (leakage) | {100 * r['unconditional']['accuracy']:.1f}% | (not reported) |",
-        f"| lambda (left, right) | {r['lambdas']} | [30, 30] |",
+        *([f"| centre fraction (App. F): one circle with z_x AND z_y in [0.2, 0.8] | "
+           f"{100 * r['centre_fraction'][0]:.1f}% +- {100 * r['centre_fraction'][1]:.1f}% "
+           f"(unconditional {100 * r['unconditional']['centre_fraction']:.1f}%) | (Fig. 9: a heatmap, no number) |"]
+          if cfg.data == "corners" else []),
+        f"| lambda ({'left, right' if cfg.data == 'circles' else 'quadrants 0-3'}) | {r['lambdas']} | "
+        f"{[30] * len(r['lambdas'])} |",
         f"| sampling | {cfg.sampler}, {cfg.sample_respacing} steps, {cfg.n_samples} samples | ancestral, "
         f"64 steps (released config), 1000 samples |",
         f"| runtime | {r['timings_s']['total_s'] / 60:.1f} min on {cfg.device if cfg.device != 'auto' else 'this machine'} | "
         f"(GPU) |",
     ]
-    sweep = ["", "## Guidance strength", "", "| lambda (both classes) | accuracy | bad fraction |", "|---|---|---|"]
-    sweep += [f"| {s['lam']:g} | {100 * s['accuracy']:.1f}% | {100 * s['bad_fraction']:.1f}% |" for s in r["lambda_sweep"]]
     runs = ", ".join(f"{100 * x['accuracy']:.1f}%" for x in r["per_run"])
     t = r["timings_s"]
+    title = ("# Circles: zero-shot interpolation (paper Section 5.5)" if cfg.data == "circles" else
+             "# Corners: interpolation on two variables (paper App. F, on the circles of Section 5.5)")
     lines = [
-        f"# Circles: zero-shot interpolation (paper Section 5.5)", "",
+        title + (" with a class-conditional DDPM (App. J)" if cfg.guidance == "free" else ""), "",
         f"Command: `python {' '.join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))}` "
         f"(full configuration in `config.json`, numbers in `results.json`).", "",
         *rows, "",
         f"Per run: {runs}. Classifier heatmap: mean p(right) over the middle band "
         f"{r['heatmap']['middle_mean_p']:.2f}, transition width {r['heatmap']['transition_width']} columns.",
         f"Timings: DDPM {t['ddpm_training_s']:.0f} s, classifiers {t['classifier_training_s']:.0f} s, "
-        f"unguided sampling {t['unguided_sampling_s']:.0f} s, guided sampling {t['guided_sampling_s']:.0f} s.",
-        *(sweep if r["lambda_sweep"] else []), "",
+        f"unguided sampling {t['unguided_sampling_s']:.0f} s, guided sampling {t['guided_sampling_s']:.0f} s, "
+        f"regressor {t.get('regressor_training_s', 0):.0f} s, lambda sweep {t.get('sweep_sampling_s', 0):.0f} s.",
+        *sweep_table(cfg, r), *regressor_table(r), "",
         "## Figures", "",
-        "Training data (centres only in the outer bands): ![training data](figures/training_data.png)", "",
+        f"Training data (centres only in the outer {'bands' if cfg.data == 'circles' else 'corner squares'}): "
+        "![training data](figures/training_data.png)", "",
+        *(["Centres of the guided samples in 2-D (App. F): ![centres](figures/centre_heatmap.png)", ""]
+          if cfg.data == "corners" else []),
         "Multi-guided samples, lambda = " + cfg.lambdas + ": ![guided](samples/guided_run0.png)", "",
         "Unconditional samples: ![unconditional](samples/unconditional.png)", "",
         "Centre x of the guided samples: ![histogram](figures/centre_x_histogram.png)", "",
         "Classifier p(right | circle at x, y) (Fig. 7b): ![heatmap](figures/classifier_heatmap.png)", "",
     ]
     return "\n".join(lines)
+
+
+def sweep_table(cfg, r):
+    """report.md lines: accuracy (and, for corners, the centre fraction) against lambda, per guidance."""
+    if not r["lambda_sweep"]:
+        return []
+    free = cfg.guidance == "free"
+    keys = ["accuracy", "bad_fraction"] + (["centre_fraction"] if cfg.data == "corners" else [])
+    names = {"accuracy": "accuracy", "bad_fraction": "bad fraction", "centre_fraction": "centre fraction"}
+    head = [f"classifier: {names[k]}" for k in keys] + ([f"classifier-free: {names[k]}" for k in keys] if free else [])
+    lines = ["", "## Guidance strength", "",
+             "Every class gets the same lambda. Classifier: Eq. 2 with the noisy classifier" +
+             (" on the DDPM's null-label (unconditional) half; classifier-free: App. J, eps(null) + "
+              "sum_m lambda (eps(y_m) - eps(null)) of the same network (lambda = 0: both unguided)." if free else "."),
+             "", "| lambda | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    for s in r["lambda_sweep"]:
+        cells = [s[k] for k in keys] + ([s["free"][k] for k in keys] if free else [])
+        lines.append(f"| {s['lam']:g} | " + " | ".join(f"{100 * c:.1f}%" for c in cells) + " |")
+    return lines
+
+
+def regressor_table(r):
+    """report.md lines: App. K, the regressor's z_x of guided run 0 against the detector's, vs uniform."""
+    g = r.get("regressor")
+    if not g:
+        return []
+    rows = [("regressor z_x, every sample", g["regressor"]), ("detector z, samples with one circle", g["detector"])]
+    lines = ["", "## A regressor as the evaluator (App. K)", "",
+             f"Guided run 0 ({g['n']} samples, {g['n_one_circle']} with one circle). Histogram (100 bins) against "
+             "uniform; unit = bins over [0, 1], data = bins over [min, max] (the released code's range).", "",
+             "| score | MSE (unit) | KLD (unit) | MSE (data) | KLD (data) |", "|---|---|---|---|---|"]
+    lines += [f"| {name} | {m['unit']['mse']:.3f} | {m['unit']['kld']:.3f} | {m['data']['mse']:.3f} | "
+              f"{m['data']['kld']:.3f} |" for name, m in rows if m is not None]
+    lines += ["", f"Mean |regressor z_x - detector z| on one-circle samples: {g['mean_abs_difference']:.3f} image widths; "
+                  f"regressor z_x in [0.2, 0.8]: {100 * g['regressor_middle_fraction']:.1f}% of all samples."]
+    return lines
 
 
 def run(cfg):
@@ -664,14 +877,309 @@ def run(cfg):
     if results is not None:
         acc, bad = results["accuracy"], results["bad_fraction"]
         print(f"report: {os.path.join(cfg.out, 'report.md')}")
+        centre = f"centre square {100 * results['centre_fraction'][0]:.1f}%, " if cfg.data == "corners" else ""
         print(f"HEADLINE accuracy {100 * acc[0]:.1f}% +- {100 * acc[1]:.1f}% of samples in the unseen middle "
-              f"(paper: 78% +- 8.7%), bad {100 * bad[0]:.1f}%, unconditional {100 * results['unconditional']['accuracy']:.1f}%, "
-              f"{results['timings_s']['total_s'] / 60:.1f} min")
+              f"(paper: 78% +- 8.7%), bad {100 * bad[0]:.1f}%, {centre}unconditional "
+              f"{100 * results['unconditional']['accuracy']:.1f}%, {results['timings_s']['total_s'] / 60:.1f} min")
 
 
 def main(argv=None):
     cfg = parse_config(argv)
+    if cfg.data == "celeba":  # faces, Sec. 5.1-5.3: the section "Faces" below
+        return run_faces_cli(cfg)
     run(cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Faces: CelebA, Sections 5.1-5.3 (filter -> DDPM -> classifier -> samples -> histograms)
+# ----------------------------------------------------------------------------------------------
+# python train.py --data celeba --attr Smiling --root R [--subset 10k] [--paper]
+#   1. filter_data.py keeps the extreme faces in OUT/filter (Sec. 4.3, App. D.1; --subset is step 3 of
+#      Sec. 5.2) and trains the evaluation classifier (all training faces, calibrated): the judge.
+#   2. The DDPM and 3. the noisy guidance classifier train on the kept faces with the same `fit` as the
+#      circles; a flipped face keeps its label (DATA["celeba"]["flip_swaps_label"]).
+#   4. Multi-guided (Eq. 2, lambda = 30,30: smile and non-smile) and unconditional samples.
+#   5. The evaluation classifier's p(attribute) of the guided samples, the training faces and the
+#      unconditional samples: 100-bin histograms against uniform, MSE and KLD (App. B) in both range
+#      conventions (evaluate.histogram_metrics), beside the paper's numbers -> report.md, results.json.
+# Every stage resumes: the filter is skipped when OUT/filter holds a finished run (index.csv) with the same
+# settings (inside, filter_data.py reuses each finished classifier), a checkpoint at step --steps is not
+# trained again, and under --resume samples drawn from the same DDPM step and weights are reused.
+
+# (MSE, KLD) to uniform, CelebA Smiling, 10k samples, lambda = 30,30, keyed by --subset. The released
+# code histograms over [min, max] of the scores ("data" range, evaluate.py): compare with those columns.
+PAPER_FACES = dict(guided={"60k": (0.130, 0.607), "30k": (0.184, 0.835), "10k": (0.186, 0.802),  # Table 1
+                           "5k": (0.279, 1.185)},
+                   training={"60k": (0.558, 3.161)},     # Sec. 5.2 (Sec. 5.1 rounds it: 0.56, 3.17)
+                   unconditional={"60k": (0.64, 3.5)})   # Sec. 5.1
+FILTER_RUN_CONTROL = ("device", "workers", "threads", "cache")  # filter_data.py flags that change no result
+
+
+def filter_argv(cfg):
+    """The filter_data.py command line of a faces run: output OUT/filter, images of --image-size.
+    --filter-args come last, so they may override any of these (e.g. --out to share one filter)."""
+    argv = ["--data", "celeba", "--root", cfg.root, "--attr", cfg.attr, "--out", os.path.join(cfg.out, "filter"),
+            "--size", str(cfg.image_size), "--subset", cfg.subset, "--seed", str(cfg.seed)]
+    argv += ["--device", cfg.device] if cfg.device != "auto" else []
+    return argv + shlex.split(cfg.filter_args)
+
+
+def check_faces(cfg, parser):
+    """--data celeba: a CelebA root that holds the attribute; filter_data.py's errors name the missing file."""
+    if not cfg.root:
+        parser.error("--data celeba needs --root, the CelebA folder (img_align_celeba/, list_attr_celeba.txt, "
+                     "list_eval_partition.txt)")
+    if cfg.guidance != "classifier":
+        parser.error("--data celeba: only --guidance classifier is wired for faces (ddpm_loss's class-conditional "
+                     "flips would swap face labels)")
+    try:
+        shlex.split(cfg.filter_args)
+    except ValueError as e:
+        parser.error(f"--filter-args: {e}")
+    filter_data.celeba_dataset(cfg.root, cfg.attr)  # a one-line DataError (exit 1) for a missing file or attribute
+
+
+def filter_finished(args):
+    """Whether args.out holds a finished filter_data.py run (index.csv) made with the same settings."""
+    wanted = json.loads(json.dumps(dict(vars(args), device=str(args.device))))  # tuples -> lists, as stored
+    try:
+        with open(os.path.join(args.out, "config.json")) as fh:
+            old = json.load(fh)
+    except (OSError, ValueError):
+        return False
+    same = all(old.get(k) == v for k, v in wanted.items() if k not in FILTER_RUN_CONTROL)
+    return same and os.path.isfile(os.path.join(args.out, "index.csv"))
+
+
+def faces_filter(cfg, rt):
+    """Stage 1: the extreme faces (filter_data.run_filter), unless a finished run can be reused. Returns its folder."""
+    threads = torch.get_num_threads()
+    args = filter_data.parse_args(filter_argv(cfg))  # may set torch's threads (--filter-args --threads)
+    if filter_finished(args):
+        if rt.main:
+            print(f"[filter] finished earlier with the same settings: reusing {args.out}")
+    elif rt.world > 1:  # one process filters; the others cannot wait hours in a barrier
+        raise SystemExit(f"train.py: run the filter first, in one process: python filter_data.py "
+                         f"{shlex.join(filter_argv(cfg))}")
+    else:
+        filter_data.run_filter(args)
+    torch.set_num_threads(threads)
+    return args.out
+
+
+def draw_faces(cfg, rt, model, d, name, ddpm_step, clf=None, lambdas=(0.0, 0.0)):
+    """cfg.n_samples faces, uint8 (N, S, S, 3), multi-guided by clf when lambdas != 0 (Eq. 2); writes
+    samples/<name>.npz and a grid of 64. Under --resume, samples of the same DDPM step and weights are reused."""
+    path = os.path.join(cfg.out, "samples", f"{name}.npz")
+    old = np.load(path) if cfg.resume and os.path.exists(path) else None
+    if old is not None and int(old["ddpm_step"]) == ddpm_step and list(old["lambdas"]) == list(lambdas):
+        images = old["images"]
+    else:
+        x = multiguide.sample(model, d, cfg.n_samples, classifier=clf if any(lambdas) else None, lambdas=list(lambdas),
+                              respacing=cfg.sample_respacing, sampler=cfg.sampler, batch=cfg.sample_batch,
+                              seed=cfg.seed + 1, device=rt.device, progress=True)
+        images = toy_circles.to_uint8(x)  # (N, S, S, 3)
+        buf = io.BytesIO()
+        np.savez_compressed(buf, images=images, lambdas=np.array(lambdas), ddpm_step=ddpm_step)
+        toy_circles.write_bytes_atomically(path, buf.getvalue())
+    toy_circles.save_grid(images[:64], os.path.join(cfg.out, "samples", f"{name}.png"), nrow=8,
+                          scale=max(1, 64 // cfg.image_size))
+    return images
+
+
+def score_row(cfg, name, label, scores, paper_key):
+    """One row of the comparison: the 100-bin histogram of `scores` against uniform (App. B), both range
+    conventions, the fraction of mild scores in [0.2, 0.8], the paper's (MSE, KLD); figures/hist_<name>.png."""
+    m = evaluate.histogram_metrics(scores)
+    evaluate.plot_histogram_vs_uniform(scores, os.path.join(cfg.out, "figures", f"hist_{name}.png"),
+                                       f"p({cfg.attr}) of the {label} (evaluation classifier)")
+    paper = PAPER_FACES.get(paper_key, {}).get("60k" if cfg.subset == "all" else cfg.subset)
+    return dict(name=name, label=label, n=len(scores), unit={k: m["unit"][k] for k in ("mse", "kld")},
+                data={k: m["data"][k] for k in ("mse", "kld")},
+                middle_fraction=float(np.mean((scores >= 0.2) & (scores <= 0.8))),
+                paper=list(paper) if paper and cfg.attr == "Smiling" else None)
+
+
+def run_faces(cfg, rt):
+    """Filter -> DDPM -> classifier(s) -> guided + unconditional samples -> histograms -> report.md."""
+    t_start, timings = time.time(), {}
+    fout = faces_filter(cfg, rt)
+    timings["filter_s"] = time.time() - t_start
+    kept = filter_data.load_kept(fout)  # the DDPM's training set: images, labels, paths, class_names
+    if kept["images"].shape[1] != cfg.image_size:
+        raise SystemExit(f"train.py: {fout} holds {kept['images'].shape[1]}-pixel faces, --image-size is "
+                         f"{cfg.image_size}; drop --size from --filter-args")
+    per_class = np.bincount(kept["labels"], minlength=2).tolist()
+    if rt.main:
+        pick = np.concatenate([np.flatnonzero(kept["labels"] == c)[:32] for c in (0, 1)])
+        toy_circles.save_grid(kept["images"][pick], os.path.join(cfg.out, "figures", "training_data.png"), nrow=8,
+                              scale=max(1, 64 // cfg.image_size))
+        print(f"faces: {len(kept['labels'])} training images, {per_class} per class {kept['class_names']}")
+    t0 = time.time()
+    ema, d, log = train_ddpm(cfg, rt, kept["images"])  # unconditional (classifier guidance)
+    ddpm_step = log[-1]["step"] if log else 0
+    timings["ddpm_training_s"] = time.time() - t0
+    t0 = time.time()
+    clfs = [train_classifier(cfg, rt, kept, r)[0] for r in range(cfg.runs)]
+    timings["classifier_training_s"] = time.time() - t0
+    if rt.world > 1:  # sampling and evaluation: rank 0 alone
+        dist.barrier()
+        if not rt.main:
+            return None
+    ema.eval()
+    judge = os.path.join(fout, "classifiers", "evaluation.pt")
+
+    def scores(images):
+        return evaluate.classifier_scores(images, judge, rt.device)
+
+    t0, rows = time.time(), []
+    for r, clf in enumerate(clfs):
+        images = draw_faces(cfg, rt, ema, d, f"guided_run{r}", ddpm_step, clf, parse_floats(cfg.lambdas))
+        rows.append(score_row(cfg, f"guided_run{r}", f"multi-guided samples, lambda = {cfg.lambdas}"
+                              + (f", classifier {r}" if cfg.runs > 1 else ""), scores(images), "guided"))
+    rows.append(score_row(cfg, "training", f"training faces (--subset {cfg.subset})", scores(kept["images"]),
+                          "training"))
+    rows.append(score_row(cfg, "unconditional", "unconditional samples",
+                          scores(draw_faces(cfg, rt, ema, d, "unconditional", ddpm_step)), "unconditional"))
+    for lam in parse_floats(cfg.lambda_sweep):  # Sec. 5.3: the same lambda on both classes, classifier 0
+        images = draw_faces(cfg, rt, ema, d, f"sweep_lambda{lam:g}", ddpm_step, clfs[0], (lam, lam))
+        rows.append(score_row(cfg, f"sweep_lambda{lam:g}", f"multi-guided samples, lambda = {lam:g}", scores(images),
+                              None))
+    timings["sampling_and_scoring_s"] = time.time() - t0
+    timings["total_s"] = time.time() - t_start
+    with open(os.path.join(fout, "evaluation.json")) as fh:
+        judge_cal = json.load(fh)
+    results = dict(data=cfg.data, attr=cfg.attr, subset=cfg.subset, class_names=kept["class_names"],
+                   training_per_class=per_class, rows=rows, lambdas=parse_floats(cfg.lambdas), n_samples=cfg.n_samples,
+                   sample_respacing=cfg.sample_respacing, sampler=cfg.sampler, filter_out=fout,
+                   evaluation_classifier=dict(path=judge, test_accuracy=judge_cal.get("test_accuracy"),
+                                              temperature=judge_cal.get("temperature")),
+                   ddpm_final_loss=log[-1]["loss"] if log else None, timings_s=timings,
+                   config=dataclasses.asdict(cfg), paper={k: {s: list(v) for s, v in t.items()}
+                                                          for k, t in PAPER_FACES.items()})
+    toy_circles.write_bytes_atomically(os.path.join(cfg.out, "results.json"),
+                                       (json.dumps(results, indent=2) + "\n").encode())
+    toy_circles.write_bytes_atomically(os.path.join(cfg.out, "report.md"), faces_report(cfg, results).encode())
+    return results
+
+
+def faces_report(cfg, r):
+    """report.md of a faces run: the three-row comparison next to the paper, then the pictures."""
+    smoke = not (cfg.unet == "paper" and cfg.steps >= 250000)
+    subset = "60k, the paper's full extreme set" if cfg.subset == "all" else cfg.subset
+
+    def cell(x):
+        return "-" if x is None else f"{x[0]:.3f} / {x[1]:.3f}"
+
+    lines = [f"# Faces: zero-shot interpolation of CelebA's {cfg.attr} (paper Sections 5.1-5.3)", ""]
+    if smoke:
+        lines += ["**Smoke scale.** This run used a reduced configuration (U-Net '" + cfg.unet + f"', {cfg.steps} DDPM "
+                  f"steps, {cfg.n_samples} samples): it checks that the pipeline runs end to end; it is NOT a "
+                  "reproduction. The paper's numbers need `--paper` on a GPU.", ""]
+    lines += [f"Command: `python {shlex.join([os.path.basename(sys.argv[0]), *sys.argv[1:]])}` "
+              f"(configuration in `config.json`, numbers in `results.json`, the filter in `{r['filter_out']}`).", "",
+              f"Training set: {sum(r['training_per_class'])} extreme faces, {r['training_per_class']} per class "
+              f"{r['class_names']}. Judge: filter_data.py's evaluation classifier (test accuracy "
+              f"{r['evaluation_classifier']['test_accuracy']:.3f}, temperature "
+              f"{r['evaluation_classifier']['temperature']:.3f}). Score = its calibrated p({cfg.attr}).", "",
+              "Histogram of the scores, 100 bins, against uniform (App. B); lower is better. `data`: bins over "
+              "[min, max] of the scores, as the released code (and so, presumably, the paper's numbers); `unit`: "
+              "bins over [0, 1], as the text describes.", "",
+              f"| {cfg.attr} scores of | n | MSE (data) | KLD (data) | MSE (unit) | KLD (unit) | in [0.2, 0.8] | "
+              f"paper MSE / KLD ({subset}) |", "|---|---|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        lines.append(f"| {row['label']} | {row['n']} | {row['data']['mse']:.3f} | {row['data']['kld']:.3f} | "
+                     f"{row['unit']['mse']:.3f} | {row['unit']['kld']:.3f} | {100 * row['middle_fraction']:.1f}% | "
+                     f"{cell(row['paper'])} |")
+    t = r["timings_s"]
+    lines += ["", f"Paper: Sec. 5.1 (guided 0.13 / 0.61, training 0.56 / 3.17, unconditional 0.64 / 3.5; lambda = "
+                  f"30,30, 10k samples, 250 steps), Table 1 for the 30k, 10k and 5k subsets"
+                  f"{'' if cfg.attr == 'Smiling' else f' (Smiling only: none for {cfg.attr})'}. This run: "
+                  f"{cfg.sampler}, {cfg.sample_respacing} steps, {cfg.n_samples} samples.",
+              f"Timings: filter {t['filter_s']:.0f} s, DDPM {t['ddpm_training_s']:.0f} s, classifier "
+              f"{t['classifier_training_s']:.0f} s, sampling and scoring {t['sampling_and_scoring_s']:.0f} s, total "
+              f"{t['total_s'] / 60:.1f} min.", "", "## Figures", ""]
+    lines += [f"Scores of the {row['label']}: ![{row['name']}](figures/hist_{row['name']}.png)" + "\n"
+              for row in r["rows"]]
+    lines += ["Multi-guided samples: ![guided](samples/guided_run0.png)", "",
+              "Unconditional samples: ![unconditional](samples/unconditional.png)", "",
+              "Training faces (32 per class): ![training](figures/training_data.png)", ""]
+    return "\n".join(lines)
+
+
+def _duration(seconds):
+    return (f"{seconds / 86400:.1f} days" if seconds > 2 * 86400 else f"{seconds / 3600:.1f} h" if seconds > 7200
+            else f"{seconds / 60:.0f} min")
+
+
+def paper_cost_estimate(cfg):
+    """(seconds, {stage: seconds}) the run would take on this machine's CPU: ONE timed step at batch 1 of each
+    network (training = forward + backward; sampling = a forward, plus the classifier's gradient when guided)
+    times the run's steps, batch sizes, images and samples. One step at batch 1: an order of magnitude."""
+    torch.set_num_threads(cfg.threads or max(1, min(8, os.cpu_count() or 1)))
+    f = filter_data.parse_args(filter_argv(cfg))
+    n_faces = len(filter_data.celeba_dataset(cfg.root, cfg.attr)["labels"])
+    torch.manual_seed(cfg.seed)
+    model, _, _ = build_ddpm(cfg)
+    clf = classifier.build_classifier(cfg.clf, image_size=cfg.image_size, num_classes=2)
+    cnn = filter_data.SmallCNN(image_size=cfg.image_size, width=f.width)
+    x, t = torch.randn(1, 3, cfg.image_size, cfg.image_size), torch.zeros(1, dtype=torch.long)
+
+    def seconds(fn):
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    unet_train = seconds(lambda: model(x, t).float().mean().backward())
+    clf_grad = seconds(lambda: clf(x, t).float().mean().backward())  # a training step ~ one guidance gradient
+    cnn_train = seconds(lambda: cnn(x).float().mean().backward())
+    with torch.no_grad():
+        unet_fwd = seconds(lambda: model(x, t))
+    chain = len(ddpm.space_timesteps(cfg.T, cfg.sample_respacing))
+    guided = cfg.runs + len(parse_floats(cfg.lambda_sweep))
+    parts = {"filter": (f.members + 2) * (f.steps * f.batch + n_faces / 3) * cnn_train,  # step 1, ensemble, judge
+             "DDPM": cfg.steps * cfg.batch * unet_train,
+             "classifier": cfg.runs * cfg.clf_steps * cfg.clf_batch * clf_grad,
+             "sampling": cfg.n_samples * chain * ((1 + guided) * unet_fwd + guided * clf_grad)}
+    return sum(parts.values()), parts
+
+
+def run_faces_cli(cfg):
+    """main() for --data celeba: without CUDA the paper's networks first get a time estimate and a refusal
+    (unless --force), then run_faces in a prepared --out, then the headline."""
+    if "paper" in (cfg.unet, cfg.clf) and not (torch.cuda.is_available() and cfg.device != "cpu"):
+        total, parts = paper_cost_estimate(cfg)
+        msg = (f"train.py: the paper's configuration without a GPU would take about {_duration(total)} on this "
+               f"machine ({', '.join(f'{k} {_duration(v)}' for k, v in parts.items())}; estimated from one timed "
+               f"step at batch 1 of each network here, not from a run; the paper, App. C: about 20 h for the DDPM on "
+               f"2 GPUs and 8 h for the classifier on one). Use a GPU, or drop --paper for the CPU "
+               f"preset (smoke scale, not a reproduction): python train.py --data celeba --attr {cfg.attr} "
+               f"--root {shlex.quote(cfg.root)}. --force runs it anyway.")
+        if not cfg.force:
+            raise SystemExit(msg)
+        print(msg)
+        if cfg.precision == "fp16":
+            print("--force on the CPU: --precision fp16 needs CUDA; using fp32")
+            cfg.precision = "fp32"
+    rt = setup_runtime(cfg)
+    if rt.main:
+        prepare_out(cfg)
+        print(f"zsi | data celeba {cfg.attr} | out {os.path.abspath(cfg.out)} | device {rt.device} x{rt.world} | "
+              f"precision {cfg.precision}")
+        print(json.dumps(dataclasses.asdict(cfg)))
+    if rt.world > 1:
+        dist.barrier()
+    r = run_faces(cfg, rt)
+    if rt.world > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+    if r is not None:
+        g, tr, un = r["rows"][0], r["rows"][cfg.runs], r["rows"][cfg.runs + 1]
+        print(f"report: {os.path.join(cfg.out, 'report.md')}")
+        print(f"HEADLINE {cfg.attr} histogram vs uniform, MSE / KLD (data range): guided {g['data']['mse']:.3f} / "
+              f"{g['data']['kld']:.3f} (paper 0.13 / 0.61), training {tr['data']['mse']:.3f} / {tr['data']['kld']:.3f} "
+              f"(0.56 / 3.17), unconditional {un['data']['mse']:.3f} / {un['data']['kld']:.3f} (0.64 / 3.5), "
+              f"{r['timings_s']['total_s'] / 60:.1f} min")
+    return r
 
 
 if __name__ == "__main__":

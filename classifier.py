@@ -15,6 +15,11 @@ What this file is
     divides every Conv2d and Linear weight by an estimate of its largest singular value (PyTorch's
     own parametrization, 2 power iterations per training forward, as in the released config).
 
+    App. K: where the attribute is known (the circle's centre), the EVALUATOR may regress it in
+    [0, 1] instead of classifying it. The regressor is the same network with D outputs read through a
+    sigmoid, trained on clean circles at ALL positions (the evaluator, unlike the guidance classifier,
+    may see every position); predict_attributes and regression_losses here, training by train.fit.
+
     Also here: temperature scaling (Guo et al. 2017) for calibrating evaluation classifiers, the
     per-example training loss on noised images, and the heatmap of Fig. 7b: p(right | a circle
     centred at (x, y)) for every centre, which shows how sharply the classifier switches sides in the
@@ -175,6 +180,28 @@ def classifier_losses(model, diffusion, x0, labels, t, noise):
     logits = model(xt, diffusion.model_timesteps(t)).float()  # (B, num_classes)
     return dict(loss=F.cross_entropy(logits, labels, reduction="none"),
                 acc=(logits.argmax(dim=1) == labels).float())
+
+
+def predict_attributes(model, x0):
+    """App. K's evaluator: the known continuous attribute(s) in (0, 1) of clean images, (B, D) float32.
+
+    The evaluator is a NoisyClassifier whose D = num_classes outputs are regression heads, always
+    called at t = 0 on clean images (x0 in [-1, 1]); prediction = sigmoid(output). For the circles the
+    attributes are the centre's normalised coordinates (z_x, z_y), z = (c + 0.5) / S.
+    """
+    t = torch.zeros(x0.shape[0], dtype=torch.long, device=x0.device)
+    return torch.sigmoid(model(x0, t).float())                 # (B, D)
+
+
+def regression_losses(model, x0, targets):
+    """Per-example training terms of the App. K regressor (the paper's evaluator for a known
+    attribute "regresses on the continuous attribute in the range [0, 1]" instead of classifying).
+
+    targets (B, D) in [0, 1]. Returns dict(loss = squared error averaged over D (B,),
+    mae = |error| of the first attribute (z_x for the circles), in image widths (B,)).
+    """
+    pred = predict_attributes(model, x0)
+    return dict(loss=((pred - targets) ** 2).mean(dim=1), mae=(pred[:, 0] - targets[:, 0]).abs())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -54,6 +54,7 @@ def get_betas(schedule, T):
     """
     if T < 1:
         raise ValueError(f"T must be a positive number of diffusion steps, got {T}")
+    ### BEGIN SOLUTION a1: the cosine schedule (Eq. 10) and the linear one, float64 arrays of length T
     if schedule == "cosine":
         s = 0.008
         f = lambda t: np.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731  Eq. 10
@@ -63,6 +64,7 @@ def get_betas(schedule, T):
     if schedule == "linear":
         scale = 1000.0 / T
         return np.linspace(scale * 1e-4, scale * 0.02, T, dtype=np.float64)
+    ### END SOLUTION
     raise ValueError(f"unknown schedule {schedule!r}; expected 'cosine' or 'linear'")
 
 
@@ -75,6 +77,7 @@ def space_timesteps(T, spec):
         and each section keeps that many evenly spread steps -- more steps where they matter.
     spec "ddimN": a fixed stride k, the smallest with len(range(0, T, k)) == N (DDIM's choice).
     """
+    ### BEGIN SOLUTION a3: the kept steps of 'N', 'n1,n2,...' and 'ddimN'; ValueError when impossible
     spec = str(spec)
     if spec.startswith("ddim"):
         desired = int(spec[len("ddim"):])
@@ -98,6 +101,7 @@ def space_timesteps(T, spec):
         kept += [start + round(j * stride) for j in range(count)]
         start += size
     return sorted(set(kept))
+    ### END SOLUTION
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,10 +114,12 @@ def normal_kl(mean1, logvar1, mean2, logvar2):
     KL = 1/2 [ -1 + logvar2 - logvar1 + e^(logvar1 - logvar2) + (mean1 - mean2)^2 e^(-logvar2) ].
     Arguments broadcast; any may be a Python float.
     """
+    ### BEGIN SOLUTION a2: KL between two diagonal Gaussians, per element, in nats
     as_t = lambda v: v if torch.is_tensor(v) else torch.tensor(v)  # noqa: E731
     mean1, logvar1, mean2, logvar2 = map(as_t, (mean1, logvar1, mean2, logvar2))
     return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
                   + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+    ### END SOLUTION
 
 
 def standard_normal_cdf(x):
@@ -127,6 +133,7 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
     The L_0 decoder of Eq. 9 (Ho et al. 2020, Eq. 13): pixel value x covers [x - 1/255, x + 1/255];
     the two extreme bins extend to -inf and +inf. Returns log-probabilities in nats, shape of x.
     """
+    ### BEGIN SOLUTION a2: log Gaussian mass of each 8-bit bin [x - 1/255, x + 1/255], open at -1 and 1
     centered = x - means
     inv_std = torch.exp(-log_scales)
     cdf_plus = standard_normal_cdf(inv_std * (centered + 1.0 / 255.0))   # upper edge of the bin
@@ -136,6 +143,7 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
     log_delta = torch.log((cdf_plus - cdf_minus).clamp(min=1e-12))             # bin [x-, x+]
     return torch.where(x < -0.999, log_cdf_plus,
                        torch.where(x > 0.999, log_one_minus_cdf_minus, log_delta))
+    ### END SOLUTION
 
 
 def mean_flat(x):
@@ -230,16 +238,20 @@ class Diffusion:
 
     def q_sample(self, x0, t, noise):
         """Eq. 4: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
+        ### BEGIN SOLUTION a1: Eq. 4, x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps at the chain steps t
         return (self._extract(self.sqrt_alphas_cumprod, t, x0) * x0
                 + self._extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
+        ### END SOLUTION
 
     def q_posterior(self, x0, xt, t):
         """Eq. 5-6: q(x_{t-1} | x_t, x_0) = N(coef1 x_0 + coef2 x_t, beta~_t) -> (mean, variance, log var)."""
+        ### BEGIN SOLUTION a2: Eq. 5-6, the posterior mean, variance beta~_t and clipped log variance
         mean = (self._extract(self.posterior_mean_coef1, t, xt) * x0
                 + self._extract(self.posterior_mean_coef2, t, xt) * xt)
         variance = self._extract(self.posterior_variance, t, xt)
         log_variance_clipped = self._extract(self.posterior_log_variance_clipped, t, xt)
         return mean, variance, log_variance_clipped
+        ### END SOLUTION
 
     # --- reverse process -----------------------------------------------------------------------
 
@@ -309,8 +321,10 @@ class Diffusion:
             terms["loss"] = terms["vb"] * self.num_timesteps
             return terms
         if self.learn_sigma:
+            ### BEGIN SOLUTION a2: the L_vlb term of L_hybrid: stop-gradient on eps, bits/dim, times T / 1000
             frozen = torch.cat([eps.detach(), out[:, C:]], dim=1)  # stop-gradient on the mean (App. A.3)
             terms["vb"] = self._vb_terms_bpd(lambda *_: frozen, x0, xt, t)["output"] * (self.num_timesteps / 1000.0)
+            ### END SOLUTION
         else:
             terms["vb"] = torch.zeros_like(terms["mse"])
         terms["loss"] = terms["mse"] + terms["vb"]
@@ -346,9 +360,11 @@ class Diffusion:
         out = self.p_mean_variance(model, xt, t, clip=clip)
         mean = out["mean"]
         if cond_fn is not None:
+            ### BEGIN SOLUTION a5: step 4, the guidance shift mu + Sigma g, g = cond_fn(x_t, original step)
             # 4. guidance shift (Sec. 2.2): mu~ = mu + Sigma g. The paper's text evaluates g at mu;
             #    the guided-diffusion recipe (and this code) evaluates it at x_t.
             mean = mean + out["variance"] * cond_fn(xt, self.model_timesteps(t)).float()
+            ### END SOLUTION
         # 5. add noise, except at the last step (t = 0), which returns the mean.
         noise = torch.randn_like(xt) if noise is None else noise
         nonzero = (t != 0).float().reshape(-1, *([1] * (xt.dim() - 1)))
@@ -361,6 +377,7 @@ class Diffusion:
         With cond_fn, guidance acts on the score: eps <- eps - sqrt(1 - abar_t) g (Dhariwal & Nichol
         2021, Algorithm 2). Returns dict(sample, pred_x0, eps).
         """
+        ### BEGIN SOLUTION a3: one DDIM step (Song et al. Eq. 12) with sigma_t(eta), guidance on eps
         # 1. predict eps (and x_0)
         out = self.p_mean_variance(model, xt, t, clip=clip)
         eps = out["eps"]
@@ -382,6 +399,7 @@ class Diffusion:
         noise = torch.randn_like(xt) if noise is None else noise
         nonzero = (t != 0).float().reshape(-1, *([1] * (xt.dim() - 1)))
         return dict(sample=mean + nonzero * sigma * noise, pred_x0=pred_x0, eps=eps)
+        ### END SOLUTION
 
     def ddim_reverse_step(self, model, xt, t, clip=False):
         """Deterministic DDIM inversion x_t -> x_{t+1}: the eta = 0 update run backwards in time."""
@@ -485,11 +503,48 @@ def load_checkpoint(path, kind=None):
     return ckpt
 
 
+def forward_demo(path, T=1000, size=32, radius=6.0, seed=0):
+    """A picture of the forward process: x_t of one white disc for several t under both schedules
+    (the same eps for every panel, Eq. 4), and abar_t against t / T for both schedules (Eq. 10).
+    Writes a PNG to `path` and returns {schedule: abar (T,) float64}. Used by TUTORIAL.md."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    rows, cols = np.indices((size, size))
+    x0 = np.where((cols - size / 2) ** 2 + (rows - size / 2) ** 2 <= radius ** 2, 1.0, -1.0)  # white disc on black
+    eps = np.random.default_rng(seed).standard_normal((size, size))
+    steps = [0, T // 10, T // 4, T // 2, 3 * T // 4, T - 1]
+    fig = Figure(figsize=(7.2, 4.6), dpi=72, layout="constrained")
+    FigureCanvasAgg(fig)
+    grid = fig.add_gridspec(3, len(steps))
+    abars = {}
+    for r, schedule in enumerate(("cosine", "linear")):
+        abars[schedule] = abar = np.cumprod(1.0 - get_betas(schedule, T))
+        for c, t in enumerate(steps):
+            xt = np.sqrt(abar[t]) * x0 + np.sqrt(1.0 - abar[t]) * eps          # Eq. 4
+            ax = fig.add_subplot(grid[r, c])
+            ax.imshow(xt, cmap="gray", vmin=-1.5, vmax=1.5, interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+            ax.set_title(f"t={t}", fontsize=8)
+            if c == 0:
+                ax.set_ylabel(schedule, fontsize=9)
+    ax = fig.add_subplot(grid[2, :])
+    for schedule, abar in abars.items():
+        ax.plot(np.arange(T) / T, abar, label=f"{schedule}: abar_t")
+    ax.set_xlabel("t / T")
+    ax.set_ylabel("abar_t")
+    ax.legend(fontsize=8)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, format="png")
+    return abars
+
+
 def main():
     parser = OneLineParser(description="Print the key numbers of a diffusion schedule.")
     parser.add_argument("--schedule", choices=["cosine", "linear"], default="cosine")
     parser.add_argument("--T", type=int, default=4000, help="number of diffusion steps")
     parser.add_argument("--respace", default="250", help="kept steps: '250', '10,15,20' or 'ddim50'")
+    parser.add_argument("--demo", metavar="OUT", default=None,
+                        help="also write OUT/forward_process.png: x_t for several t, abar_t of both schedules")
     args = parser.parse_args()
     if args.T < 1:
         parser.error("--T must be a positive integer")
@@ -504,6 +559,13 @@ def main():
           f"abar at T/2 = {abar[args.T // 2]:.6g}")
     print(f"respacing {args.respace!r}: {d.num_timesteps} steps, first kept {kept[:6]}, last {kept[-3:]}")
     print(f"respaced betas: first {d.float64['betas'][0]:.6g}, last {d.float64['betas'][-1]:.6g}")
+    if args.demo is not None:
+        if os.path.isfile(args.demo):
+            parser.error(f"--demo {args.demo} is a file; expected a folder")
+        path = os.path.join(args.demo, "forward_process.png")
+        abars = forward_demo(path, T=args.T)
+        half = {s: f"{a[args.T // 2]:.3f}" for s, a in abars.items()}
+        print(f"abar at t = T/2: {half}; wrote {path}")
 
 
 if __name__ == "__main__":

@@ -16,8 +16,22 @@ distribution by two numbers, both lower-is-better:
 The released code histograms over matplotlib's default range [min score, max score] ("data"), while
 [0, 1] ("unit") is what the text describes; histogram_metrics reports both.
 
+Two variables (App. F, region "corners" of toy_circles): the "centre fraction" is the fraction of
+samples with one circle whose z_x AND z_y both lie in [0.2, 0.8], the centre square that no training
+image comes near; plot_centre_heatmap shows where the sampled centres fall in 2-D.
+
+A regressor as the evaluator (App. K): when the attribute is known, a network that regresses it in
+[0, 1] (classifier.predict_attributes, trained by train.py on circles at every position) scores each
+sample; regressor_scores computes those scores and regressor_vs_detector compares their histogram
+against uniform with that of the detector's centre x.
+
+Faces (Sections 5.1-5.4): the score of a sample is the calibrated p(class 1) of the evaluation
+classifier that filter_data.py trains; `classify` computes it for generated samples and then does
+what `scores` does.
+
 Run:  python evaluate.py circles --samples out/samples.npz --out out/eval
       python evaluate.py scores --scores out/scores.npy --out out/eval
+      python evaluate.py classify --samples out/samples.npz --classifier runs/smiling/classifiers/evaluation.pt --out out/eval
 """
 import argparse
 import io
@@ -27,10 +41,14 @@ import os
 
 import cv2
 import numpy as np
+import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
-from toy_circles import (MIDDLE_BAND, default_radius, draw_disc, grid_positions, normalized_x,
+import classifier
+import filter_data
+from toy_circles import (MIDDLE_BAND, default_radius, draw_disc, grid_positions, normalized_x, to_tensor,
                          write_bytes_atomically)
 
 
@@ -58,6 +76,7 @@ def detect_circles(image, threshold=127, min_area=None):
     image = np.asarray(image)
     if image.ndim not in (2, 3):
         raise ValueError(f"detect_circles expects (H, W) or (H, W, 3), got shape {image.shape}")
+    ### BEGIN SOLUTION a6: steps 1-5 above: binarise, 8-connected blobs of >= min_area pixels, grey-weighted centres
     grey = image.astype(np.float64).mean(axis=2) if image.ndim == 3 else image.astype(np.float64)
     if min_area is None:
         min_area = default_min_area(grey.shape[1])
@@ -71,6 +90,7 @@ def detect_circles(image, threshold=127, min_area=None):
     found = [(float(sum_x[k] / mass[k]), float(sum_y[k] / mass[k]), int(stats[k, cv2.CC_STAT_AREA]))
              for k in range(1, n) if stats[k, cv2.CC_STAT_AREA] >= min_area]
     return sorted(found)
+    ### END SOLUTION
 
 
 def circle_stats(images, band=MIDDLE_BAND, threshold=127, min_area=None):
@@ -80,6 +100,7 @@ def circle_stats(images, band=MIDDLE_BAND, threshold=127, min_area=None):
     in_middle (exactly one circle and z in band). Aggregates: accuracy = mean(in_middle), the
     paper's "accuracy"; bad_fraction = fraction with 0 or >= 2 circles; n; n_middle; size; band.
     A sample with two circles never counts as accurate, even when one of them is in the band.
+    Also centre_square_stats's zy, in_centre and centre_fraction (App. F).
     """
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3 or images.shape[1] != images.shape[2]:
@@ -98,7 +119,22 @@ def circle_stats(images, band=MIDDLE_BAND, threshold=127, min_area=None):
     return dict(n=n, size=size, band=tuple(band), n_circles=n_circles, cx=cx, cy=cy, z=z,
                 in_middle=in_middle, n_middle=int(in_middle.sum()),
                 accuracy=float(in_middle.mean()) if n else float("nan"),
-                bad_fraction=float((n_circles != 1).mean()) if n else float("nan"))
+                bad_fraction=float((n_circles != 1).mean()) if n else float("nan"),
+                **centre_square_stats(cx, cy, n_circles, size, band))
+
+
+def centre_square_stats(cx, cy, n_circles, size, band=MIDDLE_BAND):
+    """App. F: which samples fall in the unseen centre square, z_x and z_y both in `band`.
+
+    cx, cy: detected centres in pixels (NaN unless one circle), n_circles: circles per sample.
+    Returns dict(zy = (cy + 0.5) / S, in_centre (bool per sample: exactly one circle, both z in
+    band), centre_fraction = mean(in_centre)).
+    """
+    zx, zy = normalized_x(cx, size), normalized_x(cy, size)
+    with np.errstate(invalid="ignore"):
+        inside = lambda z: (z >= band[0]) & (z <= band[1])  # noqa: E731
+        in_centre = (np.asarray(n_circles) == 1) & inside(zx) & inside(zy)
+    return dict(zy=zy, in_centre=in_centre, centre_fraction=float(in_centre.mean()) if len(in_centre) else float("nan"))
 
 
 def write_circles_csv(stats, path):
@@ -144,6 +180,36 @@ def plot_centre_histogram(z_values, path, size, title):
     _save_figure(fig, path)
 
 
+def plot_centre_heatmap(cx, cy, size, path, title):
+    """App. F: 2-D histogram of sampled circle centres (one bin per pixel), as a PNG.
+
+    Red boxes: the four training squares (region "corners" of toy_circles); green dashes: the unseen
+    centre square, z_x and z_y in MIDDLE_BAND. NaNs (samples without exactly one circle) are left out.
+    """
+    cx, cy = np.asarray(cx, dtype=np.float64), np.asarray(cy, dtype=np.float64)
+    ok = np.isfinite(cx) & np.isfinite(cy)
+    counts, _, _ = np.histogram2d(cy[ok], cx[ok], bins=size, range=((-0.5, size - 0.5), (-0.5, size - 0.5)))
+    fig = Figure(figsize=(6.4, 5.8), layout="constrained")
+    ax = fig.add_subplot()
+    im = ax.imshow(counts, origin="upper", cmap="magma", extent=(-0.5, size - 0.5, size - 0.5, -0.5),
+                   interpolation="nearest")
+    fig.colorbar(im, ax=ax, label="number of samples")
+    left, _ = grid_positions(size, "left")
+    right, _ = grid_positions(size, "right")
+    for i, (x0, x1) in enumerate([(left.min(), left.max()), (right.min(), right.max())]):
+        for j, (y0, y1) in enumerate([(left.min(), left.max()), (right.min(), right.max())]):
+            ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0 + 1, y1 - y0 + 1, fill=False, color="tab:red",
+                                   lw=1.5, label="training squares" if i == j == 0 else None))
+    lo, hi = MIDDLE_BAND[0] * size - 0.5, MIDDLE_BAND[1] * size - 0.5   # z = (c + 0.5) / S -> pixel c
+    ax.add_patch(Rectangle((lo, lo), hi - lo, hi - lo, fill=False, color="tab:green", ls="--", lw=1.5,
+                           label="unseen centre square"))
+    ax.set_xlabel("circle centre x (pixel column)")
+    ax.set_ylabel("circle centre y (pixel row)")
+    ax.set_title(title)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize=8)
+    _save_figure(fig, path)
+
+
 # ----------------------------------------------------------------------------------------------
 # Scores: histogram against uniform (Section 5.1, Table 1, App. B)
 
@@ -162,12 +228,14 @@ def histogram_vs_uniform(scores, bins=100, range=(0.0, 1.0)):
         raise ValueError("histogram_vs_uniform needs a non-empty array of finite scores")
     if scores.min() < lo or scores.max() > hi:
         raise ValueError(f"scores span [{scores.min():g}, {scores.max():g}], outside the range [{lo:g}, {hi:g}]")
+    ### BEGIN SOLUTION a6: the histogram p = counts / sum on [lo, hi], the paper's "MSE" and the KLD against uniform
     counts, edges = np.histogram(scores, bins=bins, range=(lo, hi))
     p = counts / counts.sum()
     mse = math.sqrt(np.sum((1.0 / bins - p) ** 2))
     nz = p > 0                                                  # 0 ln 0 = 0
     kld = float(np.sum(p[nz] * np.log(bins * p[nz])))
     return dict(mse=float(mse), kld=kld, counts=counts, edges=edges, bins=bins, range=(lo, hi))
+    ### END SOLUTION
 
 
 def histogram_metrics(scores, bins=100):
@@ -178,9 +246,11 @@ def histogram_metrics(scores, bins=100):
           (and so the paper's reported numbers) used.
     """
     scores = np.asarray(scores, dtype=np.float64).ravel()
+    ### BEGIN SOLUTION a6: both range conventions, [0, 1] ("unit") and [min, max] ("data")
     unit = histogram_vs_uniform(scores, bins, (0.0, 1.0))
     data = histogram_vs_uniform(scores, bins, (scores.min(), scores.max()))
     return dict(unit=unit, data=data)
+    ### END SOLUTION
 
 
 def plot_histogram_vs_uniform(scores, path, title, bins=100):
@@ -201,6 +271,65 @@ def plot_histogram_vs_uniform(scores, path, title, bins=100):
     ax.legend(loc="upper center", fontsize=8)
     fig.tight_layout()
     _save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scores from a regressor of the known attribute (App. K)
+
+def regressor_scores(model, images, batch=256):
+    """(N, D) float64 in (0, 1): the App. K regressor's predicted attributes of uint8 images (N, S, S, 3)
+    (for the circles D = 2: z_x, z_y). `model` is a trained regressor (classifier.predict_attributes)."""
+    tensors = list(model.parameters())
+    device = tensors[0].device if tensors else torch.device("cpu")
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch):
+            x = to_tensor(images[start:start + batch]).to(device)          # (b, 3, S, S) in [-1, 1]
+            out.append(classifier.predict_attributes(model, x).double().cpu())
+    return torch.cat(out).numpy()
+
+
+def regressor_vs_detector(pred, stats, bins=100):
+    """Histogram-vs-uniform metrics (both range conventions) of two scores of the same samples:
+    "regressor": the regressor's z_x (pred (N, D), column 0; or (N,)) of EVERY sample; "detector": the
+    detector's z of the samples with exactly one circle (circle_stats). Also their mean |difference|
+    where both exist (image widths), the regressor's fraction with z_x in MIDDLE_BAND (to set beside
+    the detector's accuracy) and, when pred has a z_y column, with both in it (beside centre_fraction)."""
+    pred = np.asarray(pred, dtype=np.float64).reshape(len(stats["n_circles"]), -1)   # (N, D)
+    pred_z, inside = pred[:, 0], (pred >= MIDDLE_BAND[0]) & (pred <= MIDDLE_BAND[1])
+    one = np.asarray(stats["n_circles"]) == 1
+    z_det = np.asarray(stats["z"], dtype=np.float64)[one].clip(0.0, 1.0)
+    summary = lambda m: {k: dict(mse=m[k]["mse"], kld=m[k]["kld"], range=list(m[k]["range"])) for k in m}  # noqa: E731
+    return dict(regressor=summary(histogram_metrics(pred_z, bins)),
+                detector=summary(histogram_metrics(z_det, bins)) if one.any() else None,
+                mean_abs_difference=float(np.abs(pred_z[one] - z_det).mean()) if one.any() else float("nan"),
+                regressor_middle_fraction=float(inside[:, 0].mean()),
+                regressor_centre_fraction=float(inside[:, :2].all(axis=1).mean()) if pred.shape[1] > 1 else None,
+                n=int(pred_z.size), n_one_circle=int(one.sum()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Scores from an attribute classifier (faces, Sections 5.1-5.4)
+
+def classifier_scores(images, classifier_path, device="cpu", batch=512):
+    """Scores in [0, 1] of uint8 images (N, S, S, 3): the calibrated p(class 1) of a filter_data.py
+    evaluation classifier (its stored temperature applied). Feed them to histogram_metrics."""
+    model, _ = filter_data.load_attribute_classifier(classifier_path, device)
+    return filter_data.score_images(model, images, device=device, batch=batch)
+
+
+def run_classify(args):
+    images = _load_samples(args.samples)
+    try:
+        scores = classifier_scores(images, args.classifier, args.device)
+    except ValueError as err:
+        _fail(f"--samples {args.samples}: {err}")
+    path = os.path.join(args.out, "scores.npy")
+    buf = io.BytesIO()
+    np.save(buf, scores)
+    write_bytes_atomically(path, buf.getvalue())
+    run_scores(argparse.Namespace(scores=path, out=args.out, bins=args.bins))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -331,6 +460,13 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="output folder: metrics.json, score_hist.png")
     p.add_argument("--bins", type=_positive_int, default=100, help="histogram bins (the paper: 100)")
     p.set_defaults(run=run_scores)
+    p = sub.add_parser("classify", help="score samples with a filter_data.py evaluation classifier, then as `scores`")
+    p.add_argument("--samples", required=True, help=".npz with key 'images', uint8 (N, S, S, 3)")
+    p.add_argument("--classifier", required=True, help="checkpoint, e.g. runs/smiling/classifiers/evaluation.pt")
+    p.add_argument("--out", required=True, help="output folder: scores.npy, metrics.json, score_hist.png")
+    p.add_argument("--bins", type=_positive_int, default=100, help="histogram bins (the paper: 100)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.set_defaults(run=run_classify)
     args = parser.parse_args(argv)
     args.run(args)
 

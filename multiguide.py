@@ -21,10 +21,21 @@ What this file is
     then the classifier is not called at all, so lambda = 0 reproduces the unguided sampler exactly.
     (Sec. 2.2 writes g at mu; like guided-diffusion, ddpm.py evaluates it at x_t.)
 
+    Classifier-free multi-guidance (App. J, Eq. 12; Ho & Salimans 2022): a class-conditional DDPM
+    trained with label dropout (unet.UNet / dit.DiT with num_classes > 0) is its own classifier, since
+    grad log p(y | x_t) = grad log p(x_t | y) - grad log p(x_t) = -(eps(x, y) - eps(x, null)) / sqrt(1 - abar_t).
+    The same product of experts (Eq. 2) then needs no classifier, only M + 1 network outputs:
+        eps_hat = eps(x, null) + sum_m lambda_m (eps(x, y_m) - eps(x, null)),
+    computed with ONE batched forward for the null label and every class with lambda_m != 0 (cost:
+    up to M + 1 times an unguided step). Both samplers take eps_hat as the model's eps (the ancestral
+    mean is computed from it; v comes from the null-label pass). See classifier_free_output for why
+    the printed Eq. 12 is read with the opposite sign of its second coefficient.
+
 Run
     python multiguide.py --ddpm runs/circles/ddpm.pt --classifier runs/circles/classifier0.pt \
         --lambdas 30,30 --n 256 --steps 50 --out runs/circles/mg      # -> samples.npz, samples.png
     python multiguide.py --ddpm runs/circles/ddpm.pt --lambdas 0,0 --out runs/circles/uncond
+    python multiguide.py --ddpm runs/cfg/ddpm.pt --guidance free --lambdas 3,3 --out runs/cfg/cfg3
     python multiguide.py --help
 """
 import argparse
@@ -68,6 +79,7 @@ def multi_guidance_grad(classifier, x, t, lambdas):
     """
     num_classes = getattr(classifier, "num_classes", None)
     lam = _lambda_tensor(lambdas, num_classes, device=x.device)
+    ### BEGIN SOLUTION a5: g = grad_x sum_b sum_m lambda_m log p(y_m | x_b, t_b), one forward and one backward pass
     with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
         x_in = x.detach().requires_grad_(True)
         logits = classifier(x_in, t)                                            # (B, K)
@@ -79,6 +91,7 @@ def multi_guidance_grad(classifier, x, t, lambdas):
         objective = (log_probs * lam.to(log_probs.dtype)).sum()                 # sum_b sum_m lambda_m log p
         (grad,) = torch.autograd.grad(objective, x_in)                          # (B, C, H, W)
     return grad
+    ### END SOLUTION
 
 
 def make_cond_fn(classifier, lambdas):
@@ -87,6 +100,70 @@ def make_cond_fn(classifier, lambdas):
     if not bool(lam.any()):
         return None
     return lambda x, t_model: multi_guidance_grad(classifier, x, t_model, lam)
+
+
+# ----------------------------------------------------------------------------------------------
+# Classifier-free multi-guidance (App. J, Eq. 12)
+# ----------------------------------------------------------------------------------------------
+
+def conditional_outputs(model, x, t, classes):
+    """The denoiser's output for the null label and for each class in `classes`, in ONE forward pass.
+
+    model(x, t, y) with null label model.num_classes; x (B, C, H, W); t (B,) ORIGINAL step indices.
+    Returns (1 + K, B, C', H, W) in float32 (float64 for a float64 model; never bf16 / fp16): [0] is
+    the null label (unconditional), [1 + k] class classes[k].
+    """
+    B, K = x.shape[0], len(classes)
+    t = torch.as_tensor(t, device=x.device).reshape(-1).expand(B)
+    y = torch.tensor([model.num_classes, *classes], dtype=torch.long, device=x.device).repeat_interleave(B)
+    out = model(x.repeat(1 + K, 1, 1, 1), t.repeat(1 + K), y)   # ((1 + K) B, C', H, W): condition-major
+    return out.to(torch.promote_types(out.dtype, torch.float32)).reshape(1 + K, B, *out.shape[1:])
+
+
+def classifier_free_output(model, x, t, lambdas):
+    """eps_hat = eps(x, null) + sum_m lambda_m (eps(x, y_m) - eps(x, null)), with v of the null pass.
+
+    lambdas: one weight per class (model.num_classes). Returns (B, C', H, W) like model(x, t): the
+    mixed eps, then (learn_sigma) the null label's raw v. The mix is written as the weighted sum
+    (1 - sum_m lambda_m) eps(null) + sum_m lambda_m eps(y_m), so lambda = 0 returns eps(x, null) and
+    a single lambda_m = 1 returns eps(x, y_m) bit for bit; classes with lambda_m = 0 are not evaluated.
+
+    Why not the printed Eq. 12, s = -lambda s(null) + (1 - lambda) sbar with sbar = (s(0) + s(1)) / 2:
+    its weights sum to 1 - 2 lambda, not 1. Ho & Salimans' rule s = (1 + w) s(c) - w s(null) =
+    s(c) + w (s(c) - s(null)), with sbar for s(c), reads -lambda s(null) + (1 + lambda) sbar. Both give
+    sbar at lambda = 0, but their first-order terms differ: Ho & Salimans add lambda (sbar - s(null)),
+    the implicit classifiers' gradient (below); the printed form adds -lambda (sbar + s(null)) ~
+    -2 lambda s, a step DOWN the density, and at lambda = 1 it is -s(null), which drives samples away
+    from the data. No lambda gives the unconditional model either (that needs weights (1, 0)). So we
+    read (1 - lambda) as a typo for (1 + lambda). Consistent form: the product of experts of Eq. 2,
+    p(x) prod_m p(y_m | x)^lambda_m, with the implicit classifier grad log p(y_m | x_t) =
+    -(eps_m - eps_null) / sqrt(1 - abar_t); since s = -eps / sqrt(1 - abar_t), its score is the
+    formula above with eps for s. Eq. 12 read with (1 + lambda) is lambda_m = (1 + lambda) / M for
+    each of the M = 2 classes; here lambda = 0 is the unconditional model, one lambda_m = 1 class m's.
+    """
+    lam = _lambda_tensor(lambdas, model.num_classes, device=x.device)
+    active = [m for m in range(model.num_classes) if float(lam[m]) != 0.0]
+    out = conditional_outputs(model, x, t, active)                  # (1 + K, B, C', H, W)
+    C, lam = x.shape[1], lam.to(out.dtype)
+    w = torch.cat([1.0 - lam[active].sum().reshape(1), lam[active]])   # (1 + K,): weights summing to 1
+    eps = (w[:, None, None, None, None] * out[:, :, :C]).sum(dim=0)    # (B, C, H, W): eps_hat
+    return torch.cat([eps, out[0, :, C:]], dim=1)                   # (B, C', H, W): v from the null pass
+
+
+def implicit_classifier_grad(model, diffusion, x, t, lambdas):
+    """g = sum_m lambda_m grad log p(y_m | x_t) of the implicit classifier (App. J), shaped like x.
+
+    grad log p(y | x_t) = grad log p(x_t | y) - grad log p(x_t) and the score is -eps / sqrt(1 - abar_t),
+    so g = -sum_m lambda_m (eps(x, y_m) - eps(x, null)) / sqrt(1 - abar_t); t are CHAIN indices of
+    `diffusion` (the model gets diffusion.model_timesteps(t)). DDIM guided by g (eps - sqrt(1 - abar) g)
+    is exactly DDIM on classifier_free_output's eps_hat.
+    """
+    lam = _lambda_tensor(lambdas, model.num_classes, device=x.device)
+    out = conditional_outputs(model, x, diffusion.model_timesteps(t), list(range(model.num_classes)))
+    C, lam = x.shape[1], lam.to(out.dtype)
+    diff = out[1:, :, :C] - out[:1, :, :C]                          # (M, B, C, H, W): eps_m - eps_null
+    sigma = diffusion._extract(diffusion.sqrt_one_minus_alphas_cumprod, t, x)  # sqrt(1 - abar_t), (B, 1, 1, 1)
+    return -(lam[:, None, None, None, None] * diff).sum(dim=0) / sigma
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,22 +218,39 @@ def autocast(precision, device):
 
 
 def sample(model, diffusion_dict, n, *, classifier=None, lambdas=None, respacing="50", sampler="ddpm", eta=0.0,
-           batch=256, seed=0, device="cpu", precision="fp32", progress=True):
+           batch=256, seed=0, device="cpu", precision="fp32", progress=True, guidance="classifier"):
     """n samples (n, C, H, W) in [-1, 1], float32 on the CPU, multi-guided when lambdas are nonzero.
+
+    guidance  : "classifier" (Eq. 2: the noisy classifier's gradient g) or "free" (App. J: the
+                class-conditional DDPM's own eps(x, y_m) - eps(x, null), classifier_free_output;
+                pass no classifier; lambdas has model.num_classes weights).
 
     respacing : sampling steps ("50", "250", "ddim50", ...) of the checkpoint's diffusion_dict.
     sampler   : "ddpm" (ancestral, guidance shifts the mean) or "ddim" (guidance shifts eps; eta).
     seed      : ONE torch.Generator on `device` draws every x_T and every step's noise, batch after
                 batch, so (seed, batch) fix the samples.
     precision : autocast for the DDPM forward (bf16, or fp16 on CUDA); g is always float32.
-    lambdas None or all zero -> unconditional (the classifier, if any, is never called).
+    lambdas None or all zero -> unconditional (the classifier, if any, is never called; a
+    class-conditional DDPM gets the null label).
     """
     if n < 1 or batch < 1:
         raise ValueError(f"n and batch must be positive, got n = {n}, batch = {batch}")
-    lam = None if lambdas is None else _lambda_tensor(lambdas, getattr(classifier, "num_classes", None))
-    if classifier is None and lam is not None and bool(lam.any()):
-        raise ValueError("nonzero guidance weights lambda need a classifier")
-    cond_fn = make_cond_fn(classifier, lam) if classifier is not None and lam is not None else None
+    net, cond_fn = model, None
+    if guidance == "free":
+        if classifier is not None:
+            raise ValueError("guidance 'free' guides with the DDPM's own labels: pass no classifier")
+        if not getattr(model, "num_classes", 0):
+            raise ValueError("guidance 'free' needs a class-conditional DDPM (num_classes > 0; train.py --guidance free)")
+        lam = None if lambdas is None else _lambda_tensor(lambdas, model.num_classes)
+        if lam is not None and bool(lam.any()):
+            net = lambda x, t: classifier_free_output(model, x, t, lam)  # noqa: E731
+    elif guidance == "classifier":
+        lam = None if lambdas is None else _lambda_tensor(lambdas, getattr(classifier, "num_classes", None))
+        if classifier is None and lam is not None and bool(lam.any()):
+            raise ValueError("nonzero guidance weights lambda need a classifier")
+        cond_fn = make_cond_fn(classifier, lam) if classifier is not None and lam is not None else None
+    else:
+        raise ValueError(f"unknown guidance {guidance!r}; expected 'classifier' or 'free'")
     device = torch.device(device)
     diffusion = ddpm.diffusion_from_config(diffusion_dict, respacing)
     C, S = model.config["in_channels"], model.config["image_size"]
@@ -168,7 +262,7 @@ def sample(model, diffusion_dict, n, *, classifier=None, lambdas=None, respacing
     for start in range(0, n, batch):
         b = min(batch, n - start)
         with autocast(precision, device):  # multi_guidance_grad switches autocast off for g
-            x = diffusion.sample_loop(model, (b, C, S, S), sampler=sampler, eta=eta, cond_fn=cond_fn,
+            x = diffusion.sample_loop(net, (b, C, S, S), sampler=sampler, eta=eta, cond_fn=cond_fn,
                                       generator=g, device=device, progress=progress)
         out.append(x.float().cpu())
     return torch.cat(out)
@@ -182,6 +276,9 @@ def parse_args(argv):
     parser = ddpm.OneLineParser(description="Sample a DDPM with multi-guidance (paper Sec. 4.2, Eq. 2).")
     parser.add_argument("--ddpm", required=True, help="DDPM checkpoint (kind 'ddpm')")
     parser.add_argument("--classifier", default=None, help="noisy classifier checkpoint (kind 'classifier')")
+    parser.add_argument("--guidance", choices=["classifier", "free"], default="classifier",
+                        help="classifier: the noisy classifier's gradient (Eq. 2); free: classifier-free "
+                             "multi-guidance of a class-conditional DDPM (App. J), no --classifier")
     parser.add_argument("--lambdas", default=None,
                         help="one guidance weight per class, e.g. 30,30 (Sec. 5.5; default: 30 per class "
                              "with --classifier, else 0,0 = unconditional); 0,30 = single-class guidance")
@@ -199,6 +296,8 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.n < 1:
         parser.error(f"--n must be positive, got {args.n}")
+    if args.guidance == "free" and args.classifier is not None:
+        parser.error("--guidance free uses the DDPM's own labels; drop --classifier")
     if args.batch < 1:
         parser.error(f"--batch must be positive, got {args.batch}")
     if os.path.isfile(args.out):
@@ -222,9 +321,17 @@ def parse_args(argv):
 def main(argv=None):
     parser, args = parse_args(argv)
     model, d, clf = load_models(args.ddpm, args.classifier, device=args.device, use_ema=not args.no_ema)
+    if args.guidance == "free":
+        if not getattr(model, "num_classes", 0):
+            parser.error(f"--guidance free needs a class-conditional DDPM; {args.ddpm} is unconditional "
+                         f"(train one with train.py --guidance free)")
+        args.lambdas = [1.0] * model.num_classes if args.lambdas is None else args.lambdas
+        if len(args.lambdas) != model.num_classes:
+            parser.error(f"--lambdas gives {len(args.lambdas)} weights, but DDPM {args.ddpm} has "
+                         f"{model.num_classes} classes")
     if args.lambdas is None:
         args.lambdas = [30.0] * clf.num_classes if clf is not None else [0.0, 0.0]
-    if clf is None and any(args.lambdas):
+    if clf is None and any(args.lambdas) and args.guidance == "classifier":
         parser.error(f"--lambdas {args.lambdas} guide, so they need --classifier (0,0 samples unconditionally)")
     if clf is not None and len(args.lambdas) != clf.num_classes:
         parser.error(f"--lambdas gives {len(args.lambdas)} weights, but classifier {args.classifier} has "
@@ -233,10 +340,12 @@ def main(argv=None):
         ddpm.space_timesteps(d["T"], args.steps)
     except ValueError as e:
         parser.error(f"--steps: {e}")
-    print(f"multiguide | DDPM {args.ddpm} | classifier {args.classifier} | lambdas {args.lambdas} | "
+    print(f"multiguide | DDPM {args.ddpm} | {args.guidance} guidance | classifier {args.classifier} | "
+          f"lambdas {args.lambdas} | "
           f"{args.n} samples, {args.steps} {args.sampler} steps, seed {args.seed} | out {os.path.abspath(args.out)}")
     x = sample(model, d, args.n, classifier=clf, lambdas=args.lambdas, respacing=args.steps, sampler=args.sampler,
-               eta=args.eta, batch=args.batch, seed=args.seed, device=args.device, precision=args.precision)
+               eta=args.eta, batch=args.batch, seed=args.seed, device=args.device, precision=args.precision,
+               guidance=args.guidance)
     images = toy_circles.to_uint8(x)                                         # (N, S, S, 3) uint8
     buf = io.BytesIO()
     np.savez(buf, images=images, lambdas=np.asarray(args.lambdas, dtype=np.float64))

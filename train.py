@@ -473,20 +473,21 @@ def build_ddpm(cfg, **unet_overrides):
     return model, ddpm.diffusion_from_config(d), d
 
 
-def ddpm_loss(diffusion, x0, hflip=True, labels=None, label_dropout=0.0):
+def ddpm_loss(diffusion, x0, hflip=True, labels=None, label_dropout=0.0, swap_labels=True):
     """loss_fn for fit: a random batch of training images (flipped at random unless hflip=False), t ~ U{0..T-1},
     eps ~ N(0, I). hflip=False trains on exactly the given images (generalization.py's disjoint sets).
 
     labels (N,) trains a class-conditional denoiser for classifier-free guidance (App. J; Ho &
-    Salimans 2022, Algorithm 1): net(x_t, t, y) with the batch's labels (a flip toggles them like the
-    images), each replaced by the null label net.num_classes with probability label_dropout (0.1 in
-    the released config), drawn after t and eps, so the unconditional path's draws are unchanged.
-    The fraction of null labels is logged as "null_label"."""
+    Salimans 2022, Algorithm 1): net(x_t, t, y) with the batch's labels (a flip toggles a circle's
+    label, not a face's: swap_labels as in classifier_loss), each replaced by the null label
+    net.num_classes with probability label_dropout (0.1 in the released config), drawn after t and
+    eps, so the unconditional path's draws are unchanged. The fraction of null labels is logged as
+    "null_label"."""
     def loss_fn(net, batch, g):
         idx = torch.randint(len(x0), (batch,), generator=g, device=g.device).to(x0.device)
         y0 = labels[idx] if labels is not None else torch.zeros(batch, dtype=torch.long, device=x0.device)
         x, y = toy_circles.random_hflip(x0[idx], y0, g)
-        x, y = (x, y) if hflip else (x0[idx], y0)  # the flip's uniforms are drawn either way: same t and eps
+        x, y = (x, y if swap_labels else y0) if hflip else (x0[idx], y0)  # flips drawn either way: same t, eps
         t = torch.randint(diffusion.num_timesteps, (batch,), generator=g, device=g.device).to(x0.device)
         noise = torch.randn(x.shape, generator=g, device=g.device).to(x0.device)
         if labels is None:
@@ -532,7 +533,8 @@ def train_ddpm(cfg, rt, images, labels=None):
 
     meta = dict(kind="ddpm", backbone=cfg.backbone, model_config=model.config, diffusion=d)
     identity = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUN_CONTROL}
-    loss_fn = ddpm_loss(diffusion, x0, labels=y, label_dropout=cfg.label_dropout)
+    loss_fn = ddpm_loss(diffusion, x0, labels=y, label_dropout=cfg.label_dropout,
+                        swap_labels=DATA[cfg.data].get("flip_swaps_label", True))
     model, ema, log = fit(model, loss_fn, fit_settings(cfg), os.path.join(cfg.out, "ddpm.pt"),
                           rt, meta, identity, resume=cfg.resume, on_step=on_step, desc="DDPM")
     return ema, d, log
@@ -752,7 +754,8 @@ def run_experiment(cfg, rt):
     if cfg.data == "corners":  # App. F: where the guided samples land in 2-D
         evaluate.plot_centre_heatmap(np.concatenate([s["cx"] for s in runs]), np.concatenate([s["cy"] for s in runs]),
                                      cfg.image_size, os.path.join(cfg.out, "figures", "centre_heatmap.png"),
-                                     f"centres of guided samples, lambda = {cfg.lambdas} ({len(runs)} runs)")
+                                     f"centres of guided samples, lambda = {cfg.lambdas} "
+                                     f"({len(runs)} run{'s' if len(runs) > 1 else ''})")
     regression = None
     if regressor is not None:  # App. K: the regressor's z_x of guided run 0 against the detector's
         images = np.load(os.path.join(cfg.out, "samples", "guided_run0.npz"))["images"]

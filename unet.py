@@ -54,6 +54,7 @@ def timestep_embedding(t, dim, max_period=10000):
     t: (B,) tensor of integer or float timesteps (the original index, also after respacing)
     -> (B, dim) float32.
     """
+    ### BEGIN SOLUTION a4: the sinusoidal embedding [cos(t freqs) | sin(t freqs)], zero-padded to an odd dim
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t.float()[:, None] * freqs[None, :]  # (B, half)
@@ -61,6 +62,7 @@ def timestep_embedding(t, dim, max_period=10000):
     if dim % 2:
         emb = F.pad(emb, (0, 1))  # (B, dim)
     return emb
+    ### END SOLUTION
 
 
 def group_norm(channels):
@@ -110,6 +112,7 @@ class ResBlock(nn.Module):
 
     def forward(self, x, emb):
         # x: (B, C_in, H, W), emb: (B, emb_dim)
+        ### BEGIN SOLUTION a4: the residual branch with scale-shift norm out_norm(h) (1 + scale) + shift, plus the skip
         h = self.in_conv(F.silu(self.in_norm(x)))  # (B, C_out, H, W)
         scale, shift = self.emb_proj(F.silu(emb))[:, :, None, None].chunk(2, dim=1)  # each (B, C_out, 1, 1)
         # scale-shift norm (AdaGN, Dhariwal & Nichol 2021 Sec. 3: y_s GroupNorm(h) + y_b), written with
@@ -117,6 +120,7 @@ class ResBlock(nn.Module):
         h = self.out_norm(h) * (1 + scale) + shift
         h = self.out_conv(self.dropout(F.silu(h)))  # (B, C_out, H, W)
         return self.skip(x) + h
+        ### END SOLUTION
 
 
 class AttentionBlock(nn.Module):
@@ -245,26 +249,36 @@ class UNetEncoder(nn.Module):
 class UNet(nn.Module):
     """The full denoiser: time embedding MLP + UNetEncoder + decoder + output head.
 
-    forward(x, t): x (B, C, H, W), t (B,) (or a scalar) original timestep indices
+    forward(x, t, y=None): x (B, C, H, W), t (B,) (or a scalar) original timestep indices, y (B,) class
+    labels in 0 .. num_classes (num_classes = the null label; y None = all null) only when num_classes > 0
     -> (B, 2C, H, W) with learn_sigma (eps, then raw v in [-1, 1]), else (B, C, H, W) (eps only).
     `self.config` holds the constructor's arguments: `UNet(**config)` rebuilds the model.
+
+    num_classes > 0 makes the denoiser class-conditional for classifier-free guidance (App. J, Ho &
+    Salimans 2022): an embedding of num_classes + 1 labels (the last is the "null" label, i.e. no
+    class) is added to the time embedding, so every ResBlock's scale-shift sees (t, y), as in
+    improved-diffusion's class-conditional model and dit.DiT. num_classes = 0 (default) adds nothing.
     """
 
     def __init__(self, *, image_size, in_channels=3, model_channels, channel_mult, num_res_blocks,
                  attention_resolutions, dropout=0.0, num_heads=4, num_head_channels=-1, learn_sigma=True,
-                 stem=1, use_checkpoint=False, input_skip=False):
+                 stem=1, use_checkpoint=False, input_skip=False, num_classes=0):
         super().__init__()
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0 = unconditional), got {num_classes}")
         self.config = dict(image_size=image_size, in_channels=in_channels, model_channels=model_channels,
                            channel_mult=tuple(channel_mult), num_res_blocks=num_res_blocks,
                            attention_resolutions=tuple(attention_resolutions), dropout=dropout,
                            num_heads=num_heads, num_head_channels=num_head_channels,
                            learn_sigma=learn_sigma, stem=stem, use_checkpoint=use_checkpoint,
-                           input_skip=input_skip)
-        self.model_channels, self.stem = model_channels, stem
+                           input_skip=input_skip, num_classes=num_classes)
+        self.model_channels, self.stem, self.num_classes = model_channels, stem, num_classes
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
         emb_dim = 4 * model_channels
         # App. C: sinusoidal time embedding of dimension model_channels (128 in the paper), then an MLP
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        # App. J (classifier-free guidance): labels 0 .. num_classes - 1 and the null label num_classes
+        self.label_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
         self.encoder = UNetEncoder(in_channels, model_channels, channel_mult, num_res_blocks,
                                    attention_resolutions, dropout, num_heads, num_head_channels,
                                    image_size, stem, use_checkpoint)
@@ -298,11 +312,18 @@ class UNet(nn.Module):
         assert not skip_channels, "every encoder activation is consumed exactly once"
         return blocks
 
-    def forward(self, x, t):
+    def forward(self, x, t, y=None):
         B, C, H, W = x.shape
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(B)  # (B,), a scalar t is broadcast
         emb = timestep_embedding(t, self.model_channels).to(self.time_embed[0].weight.dtype)  # (B, mc)
         emb = self.time_embed(emb)  # (B, 4 mc)
+        if self.label_embed is None:
+            if y is not None:
+                raise ValueError("this UNet is unconditional (num_classes=0): call it without y")
+        else:
+            if y is None:
+                y = torch.full((B,), self.num_classes, dtype=torch.long, device=x.device)  # the null label
+            emb = emb + self.label_embed(y)  # (B, 4 mc): time + class embedding
         h, skips = self.encoder(x, emb)  # h: (B, C_mid, H / (stem 2^(L-1)), ...)
         for block in self.decoder:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)  # (B, ch + skip_ch, h, w) -> (B, ch', h', w')

@@ -741,8 +741,8 @@ def run_experiment(cfg, rt):
     for r, clf in enumerate(clfs):
         stats = sample_and_evaluate(cfg, rt, ema, d, f"guided_run{r}", ddpm_step, clf, lambdas)
         runs.append(stats)
-        print(f"run {r}: accuracy {stats['accuracy']:.3f}, bad {stats['bad_fraction']:.3f}, "
-              f"centre square {stats['centre_fraction']:.3f}")
+        centre = f", centre square {stats['centre_fraction']:.3f}" if cfg.data == "corners" else ""
+        print(f"run {r}: accuracy {stats['accuracy']:.3f}, bad {stats['bad_fraction']:.3f}{centre}")
     timings["guided_sampling_s"] = time.time() - t0
     t0 = time.time()
     sweep = guidance_sweep(cfg, rt, ema, d, ddpm_step, clfs[0])

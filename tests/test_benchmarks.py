@@ -12,7 +12,7 @@ from benchmarks import bench_guidance, circles_targets
 from conftest import ENV, ROOT  # noqa: E402
 TINY_TRAIN = ["--unet", "tiny", "--clf", "tiny", "--image-size", "16", "--T", "100", "--steps", "10",
               "--clf-steps", "5", "--batch", "8", "--n-samples", "8", "--sample-respacing", "5",
-              "--grid-every", "0", "--threads", "1"]
+              "--grid-every", "0", "--threads", "1", "--regressor-steps", "4"]
 
 
 def run_script(name, *args, timeout=120):

@@ -13,7 +13,8 @@ import train
 
 from conftest import ENV, ROOT  # noqa: E402
 TINY = ["--data", "circles", "--unet", "tiny", "--image-size", "16", "--T", "100", "--batch", "8",
-        "--log-every", "5", "--ckpt-every", "5", "--grid-every", "0", "--sample-respacing", "5", "--threads", "1"]
+        "--log-every", "5", "--ckpt-every", "5", "--grid-every", "0", "--sample-respacing", "5", "--threads", "1",
+        "--regressor-steps", "4", "--clf", "tiny", "--clf-steps", "5", "--clf-batch", "8", "--n-samples", "8"]
 
 
 def run_cli(*args, script="train.py", timeout=300):

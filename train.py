@@ -865,18 +865,24 @@ def regressor_table(r):
     return lines
 
 
-def run(cfg):
+def run_in_processes(cfg, experiment, label):
+    """Set up the process(es), prepare and announce --out, run experiment(cfg, rt), tear DDP down."""
     rt = setup_runtime(cfg)
     if rt.main:
         prepare_out(cfg)
-        print(f"zsi | data {cfg.data} | out {os.path.abspath(cfg.out)} | device {rt.device} x{rt.world} | "
+        print(f"zsi | data {label} | out {os.path.abspath(cfg.out)} | device {rt.device} x{rt.world} | "
               f"precision {cfg.precision}")
         print(json.dumps(dataclasses.asdict(cfg)))
     if rt.world > 1:
         dist.barrier()
-    results = run_experiment(cfg, rt)
+    results = experiment(cfg, rt)
     if rt.world > 1 and dist.is_initialized():
         dist.destroy_process_group()
+    return results
+
+
+def run(cfg):
+    results = run_in_processes(cfg, run_experiment, cfg.data)
     if results is not None:
         acc, bad = results["accuracy"], results["bad_fraction"]
         print(f"report: {os.path.join(cfg.out, 'report.md')}")
@@ -1164,17 +1170,7 @@ def run_faces_cli(cfg):
         if cfg.precision == "fp16":
             print("--force on the CPU: --precision fp16 needs CUDA; using fp32")
             cfg.precision = "fp32"
-    rt = setup_runtime(cfg)
-    if rt.main:
-        prepare_out(cfg)
-        print(f"zsi | data celeba {cfg.attr} | out {os.path.abspath(cfg.out)} | device {rt.device} x{rt.world} | "
-              f"precision {cfg.precision}")
-        print(json.dumps(dataclasses.asdict(cfg)))
-    if rt.world > 1:
-        dist.barrier()
-    r = run_faces(cfg, rt)
-    if rt.world > 1 and dist.is_initialized():
-        dist.destroy_process_group()
+    r = run_in_processes(cfg, run_faces, f"celeba {cfg.attr}")
     if r is not None:
         g, tr, un = r["rows"][0], r["rows"][cfg.runs], r["rows"][cfg.runs + 1]
         print(f"report: {os.path.join(cfg.out, 'report.md')}")

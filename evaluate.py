@@ -35,21 +35,19 @@ Run:  python evaluate.py circles --samples out/samples.npz --out out/eval
 """
 import argparse
 import io
-import json
 import math
 import os
 
 import cv2
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 import classifier
 import filter_data
-from toy_circles import (MIDDLE_BAND, default_radius, draw_disc, grid_positions, normalized_x, to_tensor,
-                         write_bytes_atomically)
+from toy_circles import (MIDDLE_BAND, default_radius, draw_disc, grid_positions, normalized_x, save_figure, to_tensor,
+                         write_bytes_atomically, write_json)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -146,13 +144,6 @@ def write_circles_csv(stats, path):
     write_bytes_atomically(path, ("\n".join(lines) + "\n").encode())
 
 
-def _save_figure(fig, path):
-    """Render a matplotlib Figure (no pyplot, no global backend) to PNG, written atomically."""
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    write_bytes_atomically(path, buf.getvalue())
-
 
 def plot_centre_histogram(z_values, path, size, title):
     """Histogram of circle-centre z in [0, 1], one bin per pixel column of an S-wide image.
@@ -177,7 +168,7 @@ def plot_centre_histogram(z_values, path, size, title):
     ax.set_title(title)
     ax.legend(loc="upper center")
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def plot_centre_heatmap(cx, cy, size, path, title):
@@ -207,7 +198,7 @@ def plot_centre_heatmap(cx, cy, size, path, title):
     ax.set_ylabel("circle centre y (pixel row)")
     ax.set_title(title)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize=8)
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,7 +261,7 @@ def plot_histogram_vs_uniform(scores, path, title, bins=100):
     ax.set_title(title)
     ax.legend(loc="upper center", fontsize=8)
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -339,9 +330,6 @@ def _fail(message):
     """Stop with one line on stderr and exit status 1 (no traceback)."""
     raise SystemExit(f"evaluate.py: {message}")
 
-
-def _write_json(obj, path):
-    write_bytes_atomically(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def _load_samples(path):
@@ -416,7 +404,7 @@ def run_circles(args):
                    threshold=args.threshold, min_area=default_min_area(stats["size"]),
                    accuracy=stats["accuracy"], bad_fraction=stats["bad_fraction"], n_middle=stats["n_middle"],
                    n_circles_counts={"0": int(counts[0]), "1": int(counts[1]), "2": int(counts[2]), "3+": int(counts[3])})
-    _write_json(summary, os.path.join(args.out, "stats.json"))
+    write_json(summary, os.path.join(args.out, "stats.json"))
     write_circles_csv(stats, os.path.join(args.out, "circles.csv"))
     plot_centre_histogram(stats["z"], os.path.join(args.out, "centre_hist.png"), stats["size"],
                           f"circle centres of {stats['n']} samples: accuracy {stats['accuracy']:.1%}")
@@ -430,7 +418,7 @@ def run_scores(args):
     scores = _load_scores(args.scores)
     m = histogram_metrics(scores, args.bins)
     as_json = lambda h: dict(range=list(h["range"]), mse=h["mse"], kld=h["kld"], counts=h["counts"].tolist())
-    _write_json(dict(scores=args.scores, n=int(scores.size), bins=args.bins,
+    write_json(dict(scores=args.scores, n=int(scores.size), bins=args.bins,
                      unit=as_json(m["unit"]), data=as_json(m["data"])), os.path.join(args.out, "metrics.json"))
     plot_histogram_vs_uniform(scores, os.path.join(args.out, "score_hist.png"),
                               f"{scores.size} scores against uniform", args.bins)

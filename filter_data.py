@@ -78,7 +78,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
@@ -119,9 +118,6 @@ def _digest(*columns):
         h.update((",".join(str(v) for v in row) + "\n").encode())
     return h.hexdigest()[:16]
 
-
-def _write_json(obj, path):
-    toy_circles.write_bytes_atomically(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,7 +301,7 @@ def cached_images(paths, crop, size, cache_dir, workers=4):
     tmp = stem + ".tmp.npy"
     np.save(tmp, images)
     os.replace(tmp, stem + ".npy")
-    _write_json(dict(n=len(paths), crop=crop, size=size, paths_digest=key, first=str(paths[0])), stem + ".json")
+    toy_circles.write_json(dict(n=len(paths), crop=crop, size=size, paths_digest=key, first=str(paths[0])), stem + ".json")
     print(f"cache: decoded {len(paths)} images into {stem}.npy")
     return images, stem + ".npy"
 
@@ -489,12 +485,6 @@ def calibrate(logits, labels):
                 ece_before=reliability(logits, labels)["ece"], ece_after=reliability(logits, labels, t)["ece"])
 
 
-def _save_png(fig, path):
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    toy_circles.write_bytes_atomically(path, buf.getvalue())
-
 
 def plot_reliability(logits, labels, temperature, path, title):
     """PNG: accuracy against confidence per bin, before and after temperature scaling, and the diagonal."""
@@ -510,7 +500,7 @@ def plot_reliability(logits, labels, temperature, path, title):
     ax.set_title(title)
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
-    _save_png(fig, path)
+    toy_circles.save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -696,7 +686,7 @@ def plot_kept_hist(scores, labels, class_names, path, bins=100):
     ax.set_title("kept training images: extremes only")
     ax.legend(loc="upper center", fontsize=8)
     fig.tight_layout()
-    _save_png(fig, path)
+    toy_circles.save_figure(fig, path)
 
 
 def write_index(path, data, rows, columns, kept, repeat, reason):
@@ -774,11 +764,11 @@ def filter_steps(cfg, data, images, splits):
 def write_outputs(cfg, data, images, columns, kept, repeat, reason, counts, calibration):
     """counts.json, evaluation.json, leakage.json (App. D.3), kept_scores.npy, figures; index.csv last."""
     labels, rows = data["labels"], np.flatnonzero(kept)
-    _write_json(counts, os.path.join(cfg.out, "counts.json"))
-    _write_json(dict(calibration, class_names=data["class_names"]), os.path.join(cfg.out, "evaluation.json"))
+    toy_circles.write_json(counts, os.path.join(cfg.out, "counts.json"))
+    toy_circles.write_json(dict(calibration, class_names=data["class_names"]), os.path.join(cfg.out, "evaluation.json"))
     leak = dict(paper_worst_case=leakage_estimate(len(rows), 0.85, cfg.members),
                 measured=leakage_estimate(len(rows), calibration["test_accuracy"], cfg.members))
-    _write_json(leak, os.path.join(cfg.out, "leakage.json"))
+    toy_circles.write_json(leak, os.path.join(cfg.out, "leakage.json"))
     buf = io.BytesIO()
     np.save(buf, columns["p_eval"][rows])  # for `python evaluate.py scores`: the training distribution of Sec. 5.1
     toy_circles.write_bytes_atomically(os.path.join(cfg.out, "kept_scores.npy"), buf.getvalue())
@@ -801,7 +791,7 @@ def run_filter(cfg):
     images, cache_file = cached_images(data["paths"], data["crop"], cfg.size, cfg.cache, cfg.workers)
     labels, n = data["labels"], len(data["labels"])
     splits = {s: np.flatnonzero((data["splits"] == c) & (labels >= 0)) for c, s in enumerate(SPLITS)}
-    _write_json(dict(vars(cfg), device=str(cfg.device), class_names=data["class_names"],
+    toy_circles.write_json(dict(vars(cfg), device=str(cfg.device), class_names=data["class_names"],
                      cache_file=os.path.abspath(cache_file)), os.path.join(cfg.out, "config.json"))
     pass1, pass2, columns, counts = filter_steps(cfg, data, images, splits)
     ce, columns["p_eval"] = evaluation_stage(cfg, data, images, splits)

@@ -625,13 +625,6 @@ def run_twist(cfg, rt, clock):
 # Figures
 # ----------------------------------------------------------------------------------------------
 
-def save_figure(fig, path):
-    """Render a matplotlib Figure to PNG (no pyplot), written atomically."""
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    toy_circles.write_bytes_atomically(path, buf.getvalue())
-
 
 def _tile(ax, image, title=None, signed=False):
     if signed:                                                     # eigenvectors: grey = 0
@@ -657,7 +650,7 @@ def plot_fig1(figs, path, per_row=3):
                 _tile(axes[r, 4 * j + c], image[..., 0], title if r == 0 else None)
         axes[r, 0].set_ylabel(f"N = {fd['n']}", fontsize=8)
     fig.suptitle("samples of A and B from the same x_T, with each one's nearest training image (cosine)", fontsize=9)
-    save_figure(fig, path)
+    toy_circles.save_figure(fig, path)
 
 
 def plot_vs_n(results, path):
@@ -693,7 +686,7 @@ def plot_vs_n(results, path):
     for ax in (a, b, c, d):
         ax.legend(fontsize=6)
     fig.tight_layout()
-    save_figure(fig, path)
+    toy_circles.save_figure(fig, path)
 
 
 def plot_effective_dim(results, path):
@@ -718,7 +711,7 @@ def plot_effective_dim(results, path):
     for ax in (a, b):
         ax.xaxis.set_minor_formatter(NullFormatter())
     fig.tight_layout()
-    save_figure(fig, path)
+    toy_circles.save_figure(fig, path)
 
 
 def plot_eigenvectors(figs, results, path):
@@ -737,7 +730,7 @@ def plot_eigenvectors(figs, results, path):
             _tile(axes[r, k + 1], crop(fd["eigvecs"][t][k]), f"k={k + 1}: {evals[k]:.2f}", signed=True)
         axes[r, 0].set_ylabel(f"N = {fd['n']}\nt = {t}", fontsize=8)
     fig.suptitle("top eigenvectors of the denoiser Jacobian (model A; red +, blue -; title: eigenvalue)", fontsize=9)
-    save_figure(fig, path)
+    toy_circles.save_figure(fig, path)
 
 
 def plot_twist(twist, images, path, pairs=8):
@@ -761,7 +754,7 @@ def plot_twist(twist, images, path, pairs=8):
            title=f"lambda = {','.join(f'{v:g}' for v in twist['lambdas'])}; grey: middle band")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    save_figure(fig, path)
+    toy_circles.save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------

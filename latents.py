@@ -47,7 +47,6 @@ Run it (2 CPU cores, the circles checkpoint of `python train.py --data circles`)
         --out runs/latents_edit                                                  # ~30 s
 """
 import argparse
-import io
 import json
 import math
 import os
@@ -56,7 +55,6 @@ import time
 
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
@@ -382,7 +380,7 @@ def run_interp(model, d, args, device):
                           f"centre x along each curve ({len(pairs['left'])} pairs), level {summary['level']}")
         print_setting(where, summary)
     results["seconds"] = time.time() - start
-    _write_json(results, os.path.join(args.out, "results.json"))
+    toy_circles.write_json(results, os.path.join(args.out, "results.json"))
     toy_circles.write_bytes_atomically(os.path.join(args.out, "report.md"), interp_report(results).encode())
     return results
 
@@ -463,7 +461,7 @@ def run_edit(model, d, clf, args, device):
                                                    range=(0.0, 1.0))[0].tolist()),
                    runs={k: {kk: vv for kk, vv in v.items() if kk != "images"} for k, v in runs.items()},
                    seconds=time.time() - start)
-    _write_json(results, os.path.join(args.out, "results.json"))
+    toy_circles.write_json(results, os.path.join(args.out, "results.json"))
     toy_circles.write_bytes_atomically(os.path.join(args.out, "report.md"), edit_report(results).encode())
     return results
 
@@ -480,15 +478,6 @@ def _fmt(v, spec):
     return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
 
 
-def _save_figure(fig, path):
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    toy_circles.write_bytes_atomically(path, buf.getvalue())
-
-
-def _write_json(obj, path):
-    toy_circles.write_bytes_atomically(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def _config(args):
@@ -516,7 +505,7 @@ def plot_strips(strips, path, title):
     fig.suptitle(title, fontsize=9)
     fig.subplots_adjust(left=2.2 / width, right=0.99, top=1 - 0.35 / fig.get_figheight(),
                         bottom=0.55 / fig.get_figheight(), hspace=0.15)
-    _save_figure(fig, path)
+    toy_circles.save_figure(fig, path)
 
 
 def plot_centre_paths(paths, size, path, title):
@@ -535,7 +524,7 @@ def plot_centre_paths(paths, size, path, title):
         ax.title.set_fontsize(8)
     fig.suptitle(title + " (gaps: frames without exactly one circle)", fontsize=9)
     fig.tight_layout()
-    _save_figure(fig, path)
+    toy_circles.save_figure(fig, path)
 
 
 def plot_edit_hist(z_before, runs, size, path):
@@ -553,7 +542,7 @@ def plot_edit_hist(z_before, runs, size, path):
            ylabel="number of images", title="App. N edit of left-circle images: centre x before / after")
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
-    _save_figure(fig, path)
+    toy_circles.save_figure(fig, path)
 
 
 def interp_report(res):

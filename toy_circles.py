@@ -36,6 +36,8 @@ This file also holds save_grid, the one PNG image-grid writer of the project.
 Run:  python toy_circles.py --out out/circles --size 32 --region train
 """
 import argparse
+import io
+import json
 import math
 import os
 import tempfile
@@ -173,6 +175,20 @@ def write_bytes_atomically(path, data):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_json(obj, path):
+    """obj as indented JSON, written atomically (the results files every script writes)."""
+    write_bytes_atomically(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def save_figure(fig, path):
+    """Render a matplotlib Figure (no pyplot, no global backend) to PNG, written atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # only the scripts that plot pay for matplotlib
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    write_bytes_atomically(path, buf.getvalue())
 
 
 def save_grid(images, path, nrow=None, scale=1):

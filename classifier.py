@@ -73,6 +73,11 @@ class AttentionPool2d(nn.Module):
         self.proj = nn.Linear(channels, out_dim)
 
     def forward(self, x):
+        return self.proj(self.pool(x))                            # (B, out_dim) logits
+
+    def pool(self, x):
+        """(B, C, H, W) -> (B, C): the attended average before the projection (the features that
+        evaluate.memorization compares)."""
         B, C, H, W = x.shape
         nh = self.num_heads
         h = x.reshape(B, C, H * W).transpose(1, 2)                # (B, HW, C): one token per position
@@ -81,7 +86,7 @@ class AttentionPool2d(nn.Module):
         T = h.shape[1]
         q, k, v = self.qkv(h).reshape(B, T, 3, nh, C // nh).permute(2, 0, 3, 1, 4)  # each (B, nh, T, d)
         out = F.scaled_dot_product_attention(q[:, :, :1], k, v)  # (B, nh, 1, d): the mean token attends
-        return self.proj(out.reshape(B, C))                       # (B, out_dim): heads concatenated
+        return out.reshape(B, C)                                  # (B, C): heads concatenated
 
 
 class NoisyClassifier(nn.Module):
@@ -117,12 +122,18 @@ class NoisyClassifier(nn.Module):
             apply_spectral_norm(self)
 
     def forward(self, x, t):
-        B, C, H, W = x.shape
+        return self.head[-1].proj(self.features(x, t))  # (B, num_classes) logits
+
+    def features(self, x, t):
+        """(B, C_mid) penultimate features: everything but the attention pool's final projection to
+        logits. evaluate.memorization compares samples and training images in this space (App. H)."""
+        B = x.shape[0]
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(B)  # (B,), a scalar t is broadcast
         emb = unet.timestep_embedding(t, self.model_channels).to(x.dtype)  # (B, mc)
         emb = self.time_embed(emb)                                        # (B, 4 mc)
         h, _ = self.encoder(x, emb)       # (B, C_mid, h, w); the skips are for a decoder, unused here
-        return self.head(h)               # (B, num_classes) logits
+        norm, act, pool = self.head
+        return pool.pool(act(norm(h)))    # (B, C_mid)
 
 
 def apply_spectral_norm(model, n_power_iterations=2):

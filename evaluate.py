@@ -25,6 +25,12 @@ A regressor as the evaluator (App. K): when the attribute is known, a network th
 sample; regressor_scores computes those scores and regressor_vs_detector compares their histogram
 against uniform with that of the detector's centre x.
 
+Memorization (App. H): the paper shows each generated face beside its nearest training face in CLIP
+space. `memorization` finds every sample's nearest training image in pixel space ([0, 1], Euclidean)
+and in the guidance classifier's features (CLIP weights cannot be downloaded offline), counts
+near-copies (pixel cosine > COPY_COSINE) and, on circles, where a copy is exact and checkable, the
+samples whose circle centre lies on a training centre; save_memorization_grid draws the pairs.
+
 Faces (Sections 5.1-5.4): the score of a sample is the calibrated p(class 1) of the evaluation
 classifier that filter_data.py trains; `classify` computes it for generated samples and then does
 what `scores` does.
@@ -32,6 +38,8 @@ what `scores` does.
 Run:  python evaluate.py circles --samples out/samples.npz --out out/eval
       python evaluate.py scores --scores out/scores.npy --out out/eval
       python evaluate.py classify --samples out/samples.npz --classifier runs/smiling/classifiers/evaluation.pt --out out/eval
+      python evaluate.py memorization --samples runs/circles/samples/guided_run0.npz --train circles \
+          --classifier runs/circles/classifier0.pt --out out/memo
 """
 import argparse
 import io
@@ -45,9 +53,10 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 import classifier
+import ddpm
 import filter_data
-from toy_circles import (MIDDLE_BAND, default_radius, draw_disc, grid_positions, normalized_x, save_figure, to_tensor,
-                         write_bytes_atomically, write_json)
+from toy_circles import (MIDDLE_BAND, default_radius, draw_disc, grid_positions, make_circles, normalized_x,
+                         save_figure, save_grid, to_tensor, write_bytes_atomically, write_json)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,6 +310,116 @@ def regressor_vs_detector(pred, stats, bins=100):
 
 
 # ----------------------------------------------------------------------------------------------
+# Memorization (App. H): the nearest training images of generated samples
+
+COPY_COSINE = 0.95  # a sample whose nearest training image has pixel cosine above this is a near-copy
+
+
+def image_vectors(images):
+    """uint8 (N, S, S, C) -> float64 (N, S*S*C) in [0, 1]. The black background is 0, so two discs
+    that do not overlap have cosine 0 (on [-1, 1] images the background alone makes it near 1)."""
+    return np.asarray(images, dtype=np.float64).reshape(len(images), -1) / 255.0
+
+
+def nearest_neighbours(queries, refs, chunk=1024):
+    """For each row q of queries (N, D), its nearest row r of refs (M, D) in Euclidean distance.
+
+    Returns dict(index (N,) int64, distance (N,) = ||q - r||, cosine (N,) = q.r / (||q|| ||r||),
+    0 when either is the zero vector). ||q - r||^2 = ||q||^2 - 2 q.r + ||r||^2, chunked over N so
+    the (chunk, M) matrix of products stays small; float64 throughout."""
+    q, r = np.asarray(queries, dtype=np.float64), np.asarray(refs, dtype=np.float64)
+    if q.ndim != 2 or r.ndim != 2 or q.shape[1] != r.shape[1] or len(r) == 0:
+        raise ValueError(f"nearest_neighbours wants (N, D) queries and (M >= 1, D) refs, got {q.shape} and {r.shape}")
+    r2 = (r * r).sum(axis=1)                                              # (M,)
+    index, distance, cosine = [np.zeros(len(q), dtype=t) for t in (np.int64, np.float64, np.float64)]
+    for start in range(0, len(q), chunk):
+        qc = q[start:start + chunk]                                       # (n, D)
+        q2, dot = (qc * qc).sum(axis=1), qc @ r.T                          # (n,), (n, M)
+        j = np.argmin(q2[:, None] - 2.0 * dot + r2[None, :], axis=1)     # (n,)
+        rows = np.arange(len(qc))
+        index[start:start + len(qc)] = j
+        distance[start:start + len(qc)] = np.linalg.norm(qc - r[j], axis=1)  # exact, not from the expansion
+        norms = np.sqrt(q2 * r2[j])
+        cosine[start:start + len(qc)] = np.where(norms > 0, dot[rows, j] / np.where(norms > 0, norms, 1.0), 0.0)
+    return dict(index=index, distance=distance, cosine=cosine)
+
+
+def classifier_features(model, images, batch=256):
+    """(N, C) float64: the noisy classifier's penultimate features (classifier.NoisyClassifier.features)
+    of clean uint8 images (N, S, S, C) at t = 0. App. H uses CLIP embeddings; CLIP weights cannot be
+    downloaded here, so the guidance classifier's own features stand in for a learned image space."""
+    tensors = list(model.parameters())
+    device = tensors[0].device if tensors else torch.device("cpu")
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch):
+            x = to_tensor(images[start:start + batch]).to(device)           # (b, C, S, S) in [-1, 1]
+            out.append(model.features(x, 0).double().cpu())
+    return torch.cat(out).numpy()
+
+
+def memorization(samples, train_images, train_centres=None, stats=None, features=None, copy_cosine=COPY_COSINE):
+    """App. H: is each generated sample a copy of a training image?
+
+    samples (N, S, S, C), train_images (M, S, S, C): uint8. Per sample, the nearest training image in
+    pixel space ([0, 1], Euclidean; its cosine too) and, when features = (sample_features (N, F),
+    train_features (M, F)) is given, in that feature space (nearest by cosine of the feature vectors).
+    A sample is a near-copy when its pixel-space nearest neighbour has cosine > copy_cosine.
+    Circles (train_centres (M, 2) = (x, y) and stats = circle_stats(samples)): a copy is exact and
+    checkable there, so also the fraction of one-circle samples whose detected centre lies on a training
+    centre (the same pixel: |dx| <= 0.5 and |dy| <= 0.5), over all samples and over those in the middle
+    band (no training centre is there, so any hit would be a detector or data bug).
+    Returns the per-sample arrays (pixel_index, pixel_distance, pixel_cosine, near_copy, feature_index,
+    feature_cosine, on_training_centre) and the fractions, medians and counts that results.json keeps.
+    """
+    n = len(samples)
+    pix = nearest_neighbours(image_vectors(samples), image_vectors(train_images))
+    near_copy = pix["cosine"] > copy_cosine
+    out = dict(n=n, n_train=len(train_images), copy_cosine=copy_cosine, pixel_index=pix["index"],
+               pixel_distance=pix["distance"], pixel_cosine=pix["cosine"], near_copy=near_copy,
+               near_copy_fraction=float(near_copy.mean()) if n else float("nan"),
+               median_pixel_cosine=float(np.median(pix["cosine"])) if n else float("nan"))
+    if features is not None:
+        fs, ft = (np.asarray(f, dtype=np.float64) for f in features)
+        unit = lambda f: f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)  # noqa: E731
+        cos = unit(fs) @ unit(ft).T                                       # (N, M)
+        out.update(feature_index=cos.argmax(axis=1), feature_cosine=cos.max(axis=1),
+                   feature_agrees_with_pixel=float((cos.argmax(axis=1) == pix["index"]).mean()) if n else float("nan"))
+    if train_centres is not None and stats is not None:
+        one = np.asarray(stats["n_circles"]) == 1
+        c = np.stack([np.asarray(stats["cx"], dtype=np.float64), np.asarray(stats["cy"], dtype=np.float64)], axis=1)
+        tc = np.asarray(train_centres, dtype=np.float64)                 # (M, 2)
+        on = np.zeros(n, dtype=bool)
+        if one.any():  # Chebyshev distance to the nearest training centre, samples with one circle only
+            cheb = np.abs(c[one][:, None, :] - tc[None, :, :]).max(axis=2).min(axis=1)
+            on[one] = cheb <= 0.5
+        middle = np.asarray(stats["in_middle"], dtype=bool)
+        out.update(on_training_centre=on, on_training_centre_fraction=float(on.mean()) if n else float("nan"),
+                   on_training_centre_of_one_circle=float(on[one].mean()) if one.any() else float("nan"),
+                   n_middle=int(middle.sum()), middle_on_training_centre=int((on & middle).sum()),
+                   middle_near_copy=int((near_copy & middle).sum()),
+                   median_pixel_cosine_middle=float(np.median(pix["cosine"][middle])) if middle.any() else float("nan"))
+    return out
+
+
+def memorization_summary(m):
+    """The scalars of memorization(...) (no per-sample arrays), for results.json."""
+    return {k: v for k, v in m.items() if not isinstance(v, np.ndarray)}
+
+
+def save_memorization_grid(samples, train_images, m, path, pairs=8, order=None):
+    """PNG of sample / nearest training image pairs (Figs. S15-S18): row 1 samples, row 2 their nearest
+    training image in pixel space, row 3 (when m has feature_index) their nearest in feature space.
+    `order` picks which samples (indices); the default takes the first `pairs`."""
+    pick = np.arange(min(pairs, len(samples))) if order is None else np.asarray(order)[:pairs]
+    rows = [samples[pick], train_images[m["pixel_index"][pick]]]
+    if "feature_index" in m:
+        rows.append(train_images[m["feature_index"][pick]])
+    save_grid(np.concatenate(rows), path, nrow=len(pick), scale=max(1, 64 // samples.shape[1]))
+
+
+# ----------------------------------------------------------------------------------------------
 # Scores from an attribute classifier (faces, Sections 5.1-5.4)
 
 def classifier_scores(images, classifier_path, device="cpu", batch=512):
@@ -332,28 +451,28 @@ def _fail(message):
 
 
 
-def _load_samples(path):
-    """The uint8 (N, S, S, 3) array under key 'images' of an .npz file, or a one-line failure."""
+def _load_samples(path, flag="--samples"):
+    """The uint8 (N, S, S, 3) array under key 'images' of an .npz file, or a one-line failure naming `flag`."""
     if not os.path.isfile(path):
-        _fail(f"--samples {path}: no such file (expected an .npz with key 'images')")
+        _fail(f"{flag} {path}: no such file (expected an .npz with key 'images')")
     with open(path, "rb") as fh:
         magic = fh.read(4)
     if magic != b"PK\x03\x04":  # an .npz is a zip archive; np.load would call anything else "pickled"
-        _fail(f"--samples {path}: not an .npz (zip) archive (expected an .npz with key 'images')")
+        _fail(f"{flag} {path}: not an .npz (zip) archive (expected an .npz with key 'images')")
     try:
         archive = np.load(path, allow_pickle=False)
     except Exception as err:  # a damaged zip
-        _fail(f"--samples {path}: cannot read as .npz ({type(err).__name__}: {err})".replace("\n", " "))
+        _fail(f"{flag} {path}: cannot read as .npz ({type(err).__name__}: {err})".replace("\n", " "))
     with archive:
         if "images" not in archive.files:
-            _fail(f"--samples {path}: no key 'images' (keys: {', '.join(archive.files) or 'none'})")
+            _fail(f"{flag} {path}: no key 'images' (keys: {', '.join(archive.files) or 'none'})")
         try:
             images = archive["images"]
         except Exception as err:  # a damaged member
-            _fail(f"--samples {path}: cannot read 'images' ({type(err).__name__}: {err})".replace("\n", " "))
+            _fail(f"{flag} {path}: cannot read 'images' ({type(err).__name__}: {err})".replace("\n", " "))
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3 or images.shape[1] != images.shape[2] \
             or images.shape[0] == 0:
-        _fail(f"--samples {path}: 'images' must be uint8 (N, S, S, 3) with N >= 1, got {images.dtype} {images.shape}")
+        _fail(f"{flag} {path}: 'images' must be uint8 (N, S, S, 3) with N >= 1, got {images.dtype} {images.shape}")
     return images
 
 
@@ -428,6 +547,42 @@ def run_scores(args):
     print(f"wrote {args.out}/metrics.json, score_hist.png")
 
 
+def run_memorization(args):
+    samples = _load_samples(args.samples)
+    size = samples.shape[1]
+    if args.train in ("circles", "corners"):  # the toy training set, rebuilt exactly (toy_circles.make_circles)
+        try:
+            data = make_circles(size, "train" if args.train == "circles" else "corners")
+        except ValueError as err:
+            _fail(f"--train {args.train}: {err}")
+        train_images, centres = data["images"], data["centres"]
+    else:
+        train_images, centres = _load_samples(args.train, "--train"), None
+        if train_images.shape[1:] != samples.shape[1:]:
+            _fail(f"--train {args.train}: images are {train_images.shape[1:]}, the samples {samples.shape[1:]}")
+    features = None
+    if args.classifier:
+        try:
+            model, _ = classifier.load_classifier(args.classifier)
+        except ddpm.CheckpointError as err:
+            _fail(f"--classifier: {err}")
+        if model.config["image_size"] != size:
+            _fail(f"--classifier {args.classifier}: trained on {model.config['image_size']}-pixel images, "
+                  f"the samples are {size}")
+        features = (classifier_features(model, samples), classifier_features(model, train_images))
+    stats = circle_stats(samples) if centres is not None else None
+    m = memorization(samples, train_images, centres, stats, features)
+    write_json(dict(samples=args.samples, train=args.train, classifier=args.classifier, **memorization_summary(m)),
+               os.path.join(args.out, "memorization.json"))
+    save_memorization_grid(samples, train_images, m, os.path.join(args.out, "memorization_pairs.png"), args.pairs)
+    print(f"{m['n']} samples against {m['n_train']} training images: near-copies (pixel cosine > "
+          f"{m['copy_cosine']}) {m['near_copy_fraction']:.1%}, median nearest cosine {m['median_pixel_cosine']:.3f}")
+    if stats is not None:
+        print(f"circle centre on a training centre: {m['on_training_centre_fraction']:.1%} of all samples; "
+              f"{m['middle_on_training_centre']} of the {m['n_middle']} middle-band samples")
+    print(f"wrote {args.out}/memorization.json, memorization_pairs.png")
+
+
 def _positive_int(text):
     value = int(text)
     if value < 1:
@@ -436,7 +591,7 @@ def _positive_int(text):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Measure interpolation: circle accuracy or histogram vs uniform.")
+    parser = ddpm.OneLineParser(description="Measure interpolation: circle accuracy, histograms vs uniform, memorization.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("circles", help="detect circles in generated samples (Section 5.5)")
     p.add_argument("--samples", required=True, help=".npz with key 'images', uint8 (N, S, S, 3)")
@@ -455,6 +610,14 @@ def main(argv=None):
     p.add_argument("--bins", type=_positive_int, default=100, help="histogram bins (the paper: 100)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.set_defaults(run=run_classify)
+    p = sub.add_parser("memorization", help="nearest training images of the samples, near-copy fraction (App. H)")
+    p.add_argument("--samples", required=True, help=".npz with key 'images', uint8 (N, S, S, 3)")
+    p.add_argument("--train", required=True,
+                   help="the training set: 'circles' or 'corners' (rebuilt at the samples' size) or an .npz with key 'images'")
+    p.add_argument("--classifier", default="", help="noisy classifier checkpoint: also nearest neighbours in its features")
+    p.add_argument("--out", required=True, help="output folder: memorization.json, memorization_pairs.png")
+    p.add_argument("--pairs", type=_positive_int, default=8, help="sample / neighbour pairs in the PNG")
+    p.set_defaults(run=run_memorization)
     args = parser.parse_args(argv)
     args.run(args)
 

@@ -696,6 +696,27 @@ def guidance_sweep(cfg, rt, model, d, ddpm_step, clf):
     return rows
 
 
+MEMO_SAMPLES = 1024  # App. H: samples checked against every training image (the faces' cost grows with N x M)
+
+
+def memorization_check(cfg, samples, train, clf, stats=None):
+    """App. H: the nearest training image of each guided sample, in pixel space and in the guidance
+    classifier's features (CLIP is not available offline), the near-copy fraction and, for circles
+    (train["centres"] and circle_stats `stats` given), the samples whose centre lies on a training
+    centre. Writes figures/memorization_pairs.png (middle-band samples first); returns the summary."""
+    samples = samples[:MEMO_SAMPLES]
+    stats = {k: (v[:MEMO_SAMPLES] if isinstance(v, np.ndarray) else v) for k, v in stats.items()} if stats else None
+    features = (evaluate.classifier_features(clf, samples), evaluate.classifier_features(clf, train["images"]))
+    m = evaluate.memorization(samples, train["images"], train.get("centres") if stats else None, stats, features)
+    order = None
+    if stats is not None:  # the interesting pairs first: middle samples, then the rest
+        middle = np.asarray(stats["in_middle"], dtype=bool)
+        order = np.concatenate([np.flatnonzero(middle)[:6], np.flatnonzero(~middle)])
+    evaluate.save_memorization_grid(samples, train["images"], m, os.path.join(cfg.out, "figures",
+                                                                            "memorization_pairs.png"), 8, order)
+    return evaluate.memorization_summary(m)
+
+
 def run_experiment(cfg, rt):
     """Data -> DDPM -> classifiers -> guided + unconditional samples -> evaluation -> report.md."""
     t_start = time.time()
@@ -756,13 +777,16 @@ def run_experiment(cfg, rt):
                                      cfg.image_size, os.path.join(cfg.out, "figures", "centre_heatmap.png"),
                                      f"centres of guided samples, lambda = {cfg.lambdas} "
                                      f"({len(runs)} run{'s' if len(runs) > 1 else ''})")
-    regression = None
+    images, regression = np.load(os.path.join(cfg.out, "samples", "guided_run0.npz"))["images"], None
     if regressor is not None:  # App. K: the regressor's z_x of guided run 0 against the detector's
-        images = np.load(os.path.join(cfg.out, "samples", "guided_run0.npz"))["images"]
         regression = evaluate.regressor_vs_detector(evaluate.regressor_scores(regressor, images), runs[0])
+    memo = memorization_check(cfg, images, data, clfs[0], runs[0])
+    print(f"memorization (App. H), guided run 0: near-copies {memo['near_copy_fraction']:.1%}, centre on a "
+          f"training centre {memo['on_training_centre_fraction']:.1%} (middle band: "
+          f"{memo['middle_on_training_centre']} of {memo['n_middle']})")
     timings["total_s"] = time.time() - t_start
     results = dict(
-        data=cfg.data, guidance=cfg.guidance,
+        data=cfg.data, guidance=cfg.guidance, memorization=memo,
         accuracy=mean_std([s["accuracy"] for s in runs]), bad_fraction=mean_std([s["bad_fraction"] for s in runs]),
         centre_fraction=mean_std([s["centre_fraction"] for s in runs]),
         per_run=[sample_summary(s) for s in runs], unconditional=sample_summary(uncond), regressor=regression,
@@ -815,7 +839,7 @@ def report_markdown(cfg, r):
         f"Timings: DDPM {t['ddpm_training_s']:.0f} s, classifiers {t['classifier_training_s']:.0f} s, "
         f"unguided sampling {t['unguided_sampling_s']:.0f} s, guided sampling {t['guided_sampling_s']:.0f} s, "
         f"regressor {t.get('regressor_training_s', 0):.0f} s, lambda sweep {t.get('sweep_sampling_s', 0):.0f} s.",
-        *sweep_table(cfg, r), *regressor_table(r), "",
+        *sweep_table(cfg, r), *regressor_table(r), *memorization_table(r.get("memorization"), circles=True), "",
         "## Figures", "",
         f"Training data (centres only in the outer {'bands' if cfg.data == 'circles' else 'corner squares'}): "
         "![training data](figures/training_data.png)", "",
@@ -846,6 +870,31 @@ def sweep_table(cfg, r):
         cells = [s[k] for k in keys] + ([s["free"][k] for k in keys] if free else [])
         lines.append(f"| {s['lam']:g} | " + " | ".join(f"{100 * c:.1f}%" for c in cells) + " |")
     return lines
+
+
+def memorization_table(m, circles):
+    """report.md lines: App. H, guided run 0 against the training set (train.memorization_check)."""
+    if not m:
+        return []
+    lines = ["", "## Memorization (App. H)", "",
+             f"Guided run 0: the first {m['n']} samples against all {m['n_train']} training images. The paper looks "
+             "at CLIP neighbours; CLIP is not available offline, so the neighbours are taken in pixel space "
+             "([0, 1], Euclidean) and in the guidance classifier's features (t = 0).", "",
+             "| measure | value |", "|---|---|",
+             f"| near-copies: nearest training image with pixel cosine > {m['copy_cosine']} | "
+             f"{100 * m['near_copy_fraction']:.1f}% |",
+             f"| median cosine to the nearest training image | {m['median_pixel_cosine']:.3f} |",
+             f"| feature-space neighbour = pixel-space neighbour | {100 * m['feature_agrees_with_pixel']:.1f}% |"]
+    if circles:
+        lines += [f"| circle centre on a training centre (same pixel), all samples | "
+                  f"{100 * m['on_training_centre_fraction']:.1f}% |",
+                  f"| ... among samples with one circle | {100 * m['on_training_centre_of_one_circle']:.1f}% |",
+                  f"| middle-band samples on a training centre / near-copies | {m['middle_on_training_centre']} / "
+                  f"{m['middle_near_copy']} of {m['n_middle']} |",
+                  f"| median cosine to the nearest training image, middle-band samples | "
+                  f"{m['median_pixel_cosine_middle']:.3f} |"]
+    return lines + ["", "Samples (top row) above their nearest training image in pixel space (middle) and in the "
+                        "classifier's features (bottom): ![pairs](figures/memorization_pairs.png)"]
 
 
 def regressor_table(r):
@@ -1046,6 +1095,8 @@ def run_faces(cfg, rt):
         images = draw_faces(cfg, rt, ema, d, f"guided_run{r}", ddpm_step, clf, parse_floats(cfg.lambdas))
         rows.append(score_row(cfg, f"guided_run{r}", f"multi-guided samples, lambda = {cfg.lambdas}"
                               + (f", classifier {r}" if cfg.runs > 1 else ""), scores(images), "guided"))
+        if r == 0:  # App. H: nearest training faces of the guided samples
+            memo = memorization_check(cfg, images, kept, clf)
     rows.append(score_row(cfg, "training", f"training faces (--subset {cfg.subset})", scores(kept["images"]),
                           "training"))
     rows.append(score_row(cfg, "unconditional", "unconditional samples",
@@ -1058,7 +1109,7 @@ def run_faces(cfg, rt):
     timings["total_s"] = time.time() - t_start
     with open(os.path.join(fout, "evaluation.json")) as fh:
         judge_cal = json.load(fh)
-    results = dict(data=cfg.data, attr=cfg.attr, subset=cfg.subset, class_names=kept["class_names"],
+    results = dict(data=cfg.data, attr=cfg.attr, subset=cfg.subset, class_names=kept["class_names"], memorization=memo,
                    training_per_class=per_class, rows=rows, lambdas=parse_floats(cfg.lambdas), n_samples=cfg.n_samples,
                    sample_respacing=cfg.sample_respacing, sampler=cfg.sampler, filter_out=fout,
                    evaluation_classifier=dict(path=judge, test_accuracy=judge_cal.get("test_accuracy"),
@@ -1107,7 +1158,8 @@ def faces_report(cfg, r):
                   f"{cfg.sampler}, {cfg.sample_respacing} steps, {cfg.n_samples} samples.",
               f"Timings: filter {t['filter_s']:.0f} s, DDPM {t['ddpm_training_s']:.0f} s, classifier "
               f"{t['classifier_training_s']:.0f} s, sampling and scoring {t['sampling_and_scoring_s']:.0f} s, total "
-              f"{t['total_s'] / 60:.1f} min.", "", "## Figures", ""]
+              f"{t['total_s'] / 60:.1f} min.", *memorization_table(r.get("memorization"), circles=False),
+              "", "## Figures", ""]
     lines += [f"Scores of the {row['label']}: ![{row['name']}](figures/hist_{row['name']}.png)" + "\n"
               for row in r["rows"]]
     lines += ["Multi-guided samples: ![guided](samples/guided_run0.png)", "",

@@ -200,3 +200,96 @@ def test_cli_scores(tmp_path):
     assert m["unit"]["mse"] == pytest.approx(0.0, abs=1e-12) and m["unit"]["kld"] == pytest.approx(0.0, abs=1e-12)
     assert m["data"]["range"] == [0.005, 0.995] and sum(m["data"]["counts"]) == 100
     assert (tmp_path / "ev" / "score_hist.png").stat().st_size > 0
+
+
+# ---------------------------------------------------------------- memorization (App. H)
+
+def test_nearest_neighbours_against_a_direct_distance_matrix():
+    rng = np.random.default_rng(0)
+    q, r = rng.normal(size=(37, 11)), rng.normal(size=(23, 11))
+    r[5] = 0.0                                                        # a zero reference: cosine defined as 0
+    nn = ev.nearest_neighbours(q, r, chunk=8)                         # several chunks
+    d = np.sqrt(((q[:, None, :] - r[None, :, :]) ** 2).sum(axis=2))   # (37, 23), independent
+    j = d.argmin(axis=1)
+    assert np.array_equal(nn["index"], j)
+    assert np.allclose(nn["distance"], d[np.arange(37), j], rtol=0, atol=1e-12)
+    norms = np.linalg.norm(q, axis=1) * np.linalg.norm(r[j], axis=1)
+    cos = np.where(j == 5, 0.0, (q * r[j]).sum(axis=1) / np.where(j == 5, 1.0, norms))
+    assert (j == 5).any() and (j != 5).any()                          # both cases occur
+    assert np.allclose(nn["cosine"], cos, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="refs"):
+        ev.nearest_neighbours(q, r[:, :3])
+
+
+def test_memorization_copies_middle_circles_and_a_one_pixel_shift_by_hand():
+    """32 x 32, radius 1: a disc is a 5-pixel plus. Training copies have cosine 1 and sit on a training
+    centre; a disc deep in the middle band overlaps no training disc (cosine 0); a disc at x = 6, the
+    first middle column, one right of the band edge x = 5, shares 2 of its 5 pixels with its nearest
+    training disc: cosine 2 / 5."""
+    train = tc.make_circles(32, "train")
+    xs = np.unique(train["centres"][:, 0])
+    assert xs.tolist() == [1, 2, 3, 4, 5, 26, 27, 28, 29, 30]          # the left band ends at x = 5
+    copies = train["images"][[0, 100, 250]]
+    middle = np.stack([tc.draw_disc(32, 12, 8, 1.0), tc.draw_disc(32, 20, 25, 1.0)])
+    shifted = tc.draw_disc(32, 6, 10, 1.0)[None]                      # z = 6.5 / 32: also in the middle band
+    samples = np.concatenate([copies, middle, shifted, np.zeros((1, 32, 32, 3), np.uint8)])
+    stats = ev.circle_stats(samples)
+    m = ev.memorization(samples, train["images"], train["centres"], stats)
+    assert np.allclose(m["pixel_cosine"], [1, 1, 1, 0, 0, 0.4, 0], atol=1e-12)
+    assert m["near_copy"].tolist() == [True, True, True, False, False, False, False]
+    assert np.array_equal(m["pixel_index"][:3], [0, 100, 250])
+    assert m["pixel_distance"][:3].tolist() == [0.0, 0.0, 0.0]
+    # 3 of 5 pixels of the shifted plus are unmatched, and 3 of its neighbour's: sqrt(6) in [0, 1] units
+    assert m["pixel_distance"][5] == pytest.approx(math.sqrt(6 * 3), abs=1e-12)   # x 3 channels
+    assert m["on_training_centre"].tolist() == [True, True, True, False, False, False, False]
+    assert m["near_copy_fraction"] == pytest.approx(3 / 7) and m["on_training_centre_fraction"] == pytest.approx(3 / 7)
+    assert m["on_training_centre_of_one_circle"] == pytest.approx(3 / 6)
+    assert m["n_middle"] == 3 and m["middle_on_training_centre"] == 0 and m["middle_near_copy"] == 0
+    assert m["median_pixel_cosine_middle"] == 0.0
+    summary = ev.memorization_summary(m)
+    assert "pixel_index" not in summary and json.dumps(summary)       # scalars only, JSON-ready
+
+
+def test_memorization_in_classifier_features(tmp_path):
+    import torch
+
+    import classifier
+    torch.manual_seed(0)
+    clf = classifier.build_classifier("tiny", image_size=32)
+    import unet
+    x, t = torch.randn(4, 3, 32, 32), torch.full((4,), 3)
+    with torch.no_grad():  # the logits through the head as one nn.Sequential = features, then projection
+        h, _ = clf.encoder(x, clf.time_embed(unet.timestep_embedding(t, clf.model_channels)))
+        assert torch.allclose(clf.head(h), clf.head[-1].proj(clf.features(x, 3)), atol=1e-6)
+        assert torch.allclose(clf(x, 3), clf.head(h), atol=1e-6)
+    train = tc.make_circles(32, "train")
+    samples = train["images"][[7, 299]]
+    feats = (ev.classifier_features(clf, samples), ev.classifier_features(clf, train["images"]))
+    assert feats[0].shape == (2, clf.encoder.out_channels) and feats[0].dtype == np.float64
+    m = ev.memorization(samples, train["images"], features=feats)
+    assert np.allclose(m["feature_cosine"], 1.0, atol=1e-9)           # a copy's own features
+    assert np.array_equal(m["feature_index"], [7, 299]) and m["feature_agrees_with_pixel"] == 1.0
+    ev.save_memorization_grid(samples, train["images"], m, str(tmp_path / "pairs.png"))
+    import cv2
+    grid = cv2.imread(str(tmp_path / "pairs.png"))
+    assert grid.shape == (3 * 64 + 2, 2 * 64 + 1, 3)                   # 3 rows (sample, pixel nn, feature nn)
+
+
+def test_cli_memorization(tmp_path):
+    train = tc.make_circles(32, "train")
+    samples = np.concatenate([train["images"][:3], tc.make_circles(32, "middle")["images"][:1]])
+    np.savez(tmp_path / "s.npz", images=samples)
+    res = _run("memorization", "--samples", str(tmp_path / "s.npz"), "--train", "circles", "--out", str(tmp_path / "m"))
+    assert res.returncode == 0, res.stderr
+    m = json.loads((tmp_path / "m" / "memorization.json").read_text())
+    assert m["n"] == 4 and m["n_train"] == len(train["images"]) and m["near_copy_fraction"] == 0.75
+    assert m["on_training_centre_fraction"] == 0.75 and m["middle_on_training_centre"] == 0 and m["n_middle"] == 1
+    assert (tmp_path / "m" / "memorization_pairs.png").stat().st_size > 0
+    np.savez(tmp_path / "t.npz", images=np.zeros((2, 16, 16, 3), np.uint8))
+    _expect_one_line_error(["memorization", "--samples", str(tmp_path / "s.npz"), "--train", str(tmp_path / "t.npz"),
+                            "--out", str(tmp_path / "m2")], "--train", "t.npz")
+    _expect_one_line_error(["memorization", "--samples", str(tmp_path / "s.npz"), "--train", str(tmp_path / "no.npz"),
+                            "--out", str(tmp_path / "m2")], "--train", "no such file")
+    _expect_one_line_error(["memorization", "--samples", str(tmp_path / "s.npz"), "--train", "circles",
+                            "--classifier", str(tmp_path / "no.pt"), "--out", str(tmp_path / "m2")], "--classifier")
+    assert not (tmp_path / "m2").exists()

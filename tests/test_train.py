@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import ddpm
+import toy_circles
 import train
 
 from conftest import ENV, ROOT  # noqa: E402
@@ -180,7 +181,16 @@ def test_circles_pipeline_end_to_end_at_tiny_size(tmp_path):
     assert [s["lam"] for s in res["lambda_sweep"]] == [0.0, 10.0]
     # lambda = 0 in the sweep is the unguided sampler with the same seed: identical samples.
     assert np.array_equal(np.load(out / "samples" / "sweep_lambda0.npz")["images"], uncond["images"])
+    # App. H: the memorization numbers are those of the saved guided samples against the training set.
+    guided0 = np.load(out / "samples" / "guided_run0.npz")["images"]
+    train = toy_circles.make_circles(16, "train")
+    memo = evaluate.memorization(guided0, train["images"], train["centres"], per_run[0])
+    for key in ("near_copy_fraction", "on_training_centre_fraction", "n_middle", "middle_on_training_centre"):
+        assert res["memorization"][key] == memo[key], key
+    assert res["memorization"]["n"] == 12 and res["memorization"]["n_train"] == len(train["images"])
+    assert (out / "figures" / "memorization_pairs.png").exists()
     report = (out / "report.md").read_text()
+    assert "## Memorization (App. H)" in report and "figures/memorization_pairs.png" in report
     assert "78% +- 8.7%" in report and f"{100 * res['accuracy'][0]:.1f}%" in report
     assert "figures/classifier_heatmap.png" in report and "| 10 |" in report
     # A resumed run recomputes nothing: the DDPM and the classifiers are done, the samples reused.

@@ -9,6 +9,8 @@ RANDOM label -- CelebA's mild faces with arbitrary binary labels. A label-only s
 the filter must not. The pixel noise comes from a pool of 4 patterns: with a fresh pattern per image,
 the tiny CNN memorised the middle images' random labels (measured: p from 0.01 to 0.99 on them).
 """
+import contextlib
+import io
 import json
 import math
 import os
@@ -70,9 +72,11 @@ def run(tmp_path_factory):
     truth = make_celeba(str(base / "celeba"))
     out = str(base / "out")
     threads = torch.get_num_threads()
-    counts = fd.main(["--data", "celeba", "--root", str(base / "celeba"), "--attr", "Smiling", "--out", out, *TINY])
+    with contextlib.redirect_stdout(io.StringIO()) as text:   # the printed lines (capsys is per test)
+        counts = fd.main(["--data", "celeba", "--root", str(base / "celeba"), "--attr", "Smiling", "--out", out, *TINY])
     torch.set_num_threads(threads)
-    return dict(base=base, out=out, truth=truth, counts=counts, index=fd.read_index(os.path.join(out, "index.csv")))
+    return dict(base=base, out=out, truth=truth, counts=counts, index=fd.read_index(os.path.join(out, "index.csv")),
+                stdout=text.getvalue())
 
 
 def cli(*args):
@@ -269,6 +273,58 @@ def test_filter_keeps_only_true_extremes(run):
     assert leak["n"] == k.sum() and leak["chernoff"]["10"] == pytest.approx(fd.chernoff_tail(k.sum(), 0.15 ** 5, 10))
 
 
+def test_leakage_json_names_its_accuracy_source(run):
+    """App. D.3 wants the members' accuracy; "measured" uses the evaluation classifier's and says so."""
+    out, k = run["out"], int((run["index"]["kept"] == 1).sum())
+    leak = json.loads(open(os.path.join(out, "leakage.json")).read())
+    test_accuracy = json.loads(open(os.path.join(out, "evaluation.json")).read())["test_accuracy"]
+    measured, worst = leak["measured"], leak["paper_worst_case"]
+    assert measured["accuracy"] == test_accuracy and worst["accuracy"] == 0.85
+    assert measured["n"] == worst["n"] == k and measured["members"] == 5
+    assert measured["p"] == pytest.approx((1 - test_accuracy) ** 5, rel=1e-12)
+    assert measured["chernoff"] == fd.leakage_estimate(k, test_accuracy)["chernoff"]
+    assert measured["accuracy_source"].startswith("evaluation classifier's test accuracy, standing in for the ensemble members'")
+    assert worst["accuracy_source"].startswith("assumed: the paper's worst case, 85% per member")
+    line = next(x for x in run["stdout"].splitlines() if x.startswith("leakage (measured"))
+    assert f"accuracy {test_accuracy:.3f} = evaluation classifier's test accuracy, standing in" in line
+
+
+def test_evaluate_classify_scores_samples_with_the_evaluation_classifier(run, tmp_path):
+    """`python evaluate.py classify`: metrics.json = histogram_metrics(score_images(the same images))."""
+    import evaluate
+    out = run["out"]
+    ckpt_path = os.path.join(out, "classifiers", "evaluation.pt")
+    kept = fd.load_kept(out, oversample=False)["images"]
+    noise = np.random.default_rng(0).integers(0, 256, (6, 64, 64, 3), dtype=np.uint8)   # a spread of scores
+    images = np.concatenate([kept[:10], noise])
+    np.savez(tmp_path / "s.npz", images=images)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "classify", "--samples", str(tmp_path / "s.npz"),
+                        "--classifier", ckpt_path, "--out", str(tmp_path / "e")],
+                       capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    model, _ = fd.load_attribute_classifier(ckpt_path)
+    scores = fd.score_images(model, images)                                   # recomputed here, not read back
+    assert np.allclose(np.load(tmp_path / "e" / "scores.npy"), scores, rtol=0, atol=1e-9)
+    expected = evaluate.histogram_metrics(scores)
+    got = json.loads(open(tmp_path / "e" / "metrics.json").read())
+    assert got["n"] == 16 and got["bins"] == 100
+    for name in ("unit", "data"):
+        assert got[name]["counts"] == expected[name]["counts"].tolist() and sum(got[name]["counts"]) == 16
+        assert got[name]["mse"] == pytest.approx(expected[name]["mse"], rel=1e-9)
+        assert got[name]["kld"] == pytest.approx(expected[name]["kld"], rel=1e-9)
+        assert got[name]["range"] == pytest.approx(list(expected[name]["range"]), rel=1e-9)
+    assert got["unit"]["range"] == [0.0, 1.0]
+    assert open(tmp_path / "e" / "score_hist.png", "rb").read(4) == b"\x89PNG"
+    # a bad --classifier: one line, non-zero exit, nothing written
+    for bad, message in ((str(tmp_path / "missing.pt"), "does not exist"), (str(tmp_path / "s.npz"), "is unreadable")):
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "classify", "--samples",
+                            str(tmp_path / "s.npz"), "--classifier", bad, "--out", str(tmp_path / "bad")],
+                           capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+        assert r.returncode != 0 and message in r.stderr and bad in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert not os.path.exists(tmp_path / "bad")
+
+
 def test_kept_images_load_and_score_back(run):
     ix, out = run["index"], run["out"]
     data = fd.load_kept(out)
@@ -339,6 +395,8 @@ def test_bad_input_fails_in_one_line_without_an_index(tmp_path, case):
     expect = {"no_attr_file": "list_attr_celeba.txt not found", "unknown_attr": "unknown attribute 'Smilling'; valid:",
               "unreadable": "000007.jpg is missing or unreadable", "wrong_size": "000007.jpg is 100x120, expected",
               "empty_class": "is empty after step 1 (--tau1 0.9)"}[case]
+    os.makedirs(tmp_path / "out")
+    (tmp_path / "out" / "index.csv").write_text("path,label\nstale,0\n")   # a previous run's index, in every case
     if case == "no_attr_file":
         os.remove(tmp_path / "c" / "list_attr_celeba.txt")
     elif case == "unknown_attr":
@@ -348,13 +406,11 @@ def test_bad_input_fails_in_one_line_without_an_index(tmp_path, case):
     elif case == "wrong_size":
         cv2.imwrite(img, np.zeros((120, 100, 3), np.uint8))
     elif case == "empty_class":       # one step: p(y|x) ~ 0.5 everywhere, nothing passes tau1
-        os.makedirs(tmp_path / "out")
-        (tmp_path / "out" / "index.csv").write_text("path,label\nstale,0\n")   # a previous run's index
         attr += ["--steps", "1", "--width", "4"]
     r = cli(*args, *attr)
     assert r.returncode != 0 and expect in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert not os.path.exists(tmp_path / "out" / "index.csv")
+    assert not os.path.exists(tmp_path / "out" / "index.csv")   # removed before reading: no stale index survives
 
 
 def test_bad_flags_fail_in_one_line(tmp_path, capsys):
@@ -365,6 +421,22 @@ def test_bad_flags_fail_in_one_line(tmp_path, capsys):
             fd.parse_args([*argv, "--out", str(tmp_path / "o")])
         err = capsys.readouterr().err
         assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_subset_presets_are_the_papers(tmp_path):
+    """Sec. 5.2 / 5.4: 60k ... 5k split evenly per side; App. D: Young = 7k old (class 0, x2) + 15k young."""
+    base = ["--data", "celeba", "--root", "r", "--attr", "Young", "--out", str(tmp_path / "o")]
+    young = fd.parse_args([*base, "--subset", "young"])
+    assert young.per_side == (7000, 15000) and young.oversample == (2, 1)
+    assert 2 * young.per_side[0] + young.per_side[1] == 29000                 # the training set after oversampling
+    for name, per_side in (("60k", 30000), ("30k", 15000), ("10k", 5000), ("5k", 2500)):
+        cfg = fd.parse_args([*base, "--subset", name])
+        assert cfg.per_side == (per_side, per_side) and cfg.oversample == (1, 1), name
+        assert 2 * per_side == int(name[:-1]) * 1000
+    assert fd.parse_args(base).per_side is None and fd.parse_args([*base, "--paper"]).per_side == (30000, 30000)
+    flags = fd.parse_args([*base, "--subset", "young", "--per-side", "10,20", "--oversample", "1,3"])
+    assert flags.per_side == (10, 20) and flags.oversample == (1, 3)         # explicit flags win over the preset
+    assert not (tmp_path / "o").exists()                                      # parsing writes nothing
 
 
 def test_help():

@@ -433,6 +433,8 @@ def run_classify(args):
     images = _load_samples(args.samples)
     try:
         scores = classifier_scores(images, args.classifier, args.device)
+    except ddpm.CheckpointError as err:
+        _fail(f"--classifier: {err}")
     except ValueError as err:
         _fail(f"--samples {args.samples}: {err}")
     path = os.path.join(args.out, "scores.npy")

@@ -233,7 +233,11 @@ def csv_dataset(path, seed=0):
     folder = os.path.dirname(os.path.abspath(path))
     paths = np.array([os.path.abspath(os.path.join(folder, r[0])) for _, r in rows])
     labels = np.array([class_names.index(r[1]) for _, r in rows])
-    if all(len(r) == 3 for _, r in rows):
+    with_split = [len(r) == 3 for _, r in rows]
+    if any(with_split) and not all(with_split):  # never mix given and random splits silently
+        k = next(k for (k, _), w in zip(rows, with_split) if not w)
+        _fail(f"--csv {path}: line {k} has no split column; give a split on every row or on none")
+    if all(with_split):
         bad = [(k, r[2]) for k, r in rows if r[2] not in SPLITS]
         if bad:
             _fail(f"--csv {path}: line {bad[0][0]}: split {bad[0][1]!r} is not one of {', '.join(SPLITS)}")

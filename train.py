@@ -70,8 +70,10 @@ import unet
 class Config:
     """Every number of a run. Defaults are the CPU circles preset; PAPER_PRESETS holds the paper's."""
     data: str = field(default="circles", metadata={"help": "data set preset: circles (Sec. 5.5), corners "
-                                                   "(two variables, App. F) or celeba (faces, Sec. 5.1-5.3)",
-                                                   "choices": ["circles", "corners", "celeba"]})
+                                                   "(two variables, App. F), celeba (faces, Sec. 5.1-5.3), or "
+                                                   "your own labelled images: folder (--root with two class "
+                                                   "folders) or csv (--csv of path,label[,split])",
+                                                   "choices": ["circles", "corners", "celeba", "folder", "csv"]})
     out: str = field(default="", metadata={"help": "output folder (default runs/<data>)"})
     seed: int = field(default=0, metadata={"help": "fixes data order, noise, initialisation, sampling"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
@@ -131,16 +133,18 @@ class Config:
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its checkpoints"})
     overwrite: bool = field(default=False, metadata={"help": "start afresh in an --out that holds another run"})
     stop_at: int = field(default=0, metadata={"help": "stop (with a checkpoint) after this step; 0 = never"})
-    force: bool = field(default=False, metadata={"help": "--data celeba: run the paper's configuration even "
-                                                 "without a GPU (otherwise: print the time it would take, exit)"})
-    # --- faces (--data celeba, Sec. 5.1-5.3; see the section "Faces" at the end of this file) ---
+    force: bool = field(default=False, metadata={"help": "--data celeba|folder|csv: run the paper's configuration "
+                                                 "even without a GPU (otherwise: print the time it would take, exit)"})
+    # --- faces (--data celeba|folder|csv, Sec. 5.1-5.3; see the section "Faces" at the end of this file) ---
     root: str = field(default="", metadata={"help": "--data celeba: CelebA folder (img_align_celeba/, "
-                                            "list_attr_celeba.txt, list_eval_partition.txt)"})
+                                            "list_attr_celeba.txt, list_eval_partition.txt); --data folder: the "
+                                            "folder of two class folders (sorted names: class 0, class 1)"})
+    csv: str = field(default="", metadata={"help": "--data csv: file of path,label[,split] rows (filter_data.py)"})
     attr: str = field(default="Smiling", metadata={"help": "--data celeba: the CelebA attribute (class 1 = present)"})
-    subset: str = field(default="all", metadata={"help": "--data celeba: extreme faces kept by filter_data.py "
+    subset: str = field(default="all", metadata={"help": "--data celeba|folder|csv: extreme images kept by filter_data.py "
                                                  "(Table 1: 60k, 30k, 10k, 5k; all = every survivor)",
                                                  "choices": ["all", "60k", "30k", "10k", "5k"]})
-    filter_args: str = field(default="", metadata={"help": "--data celeba: more filter_data.py flags, e.g. "
+    filter_args: str = field(default="", metadata={"help": "--data celeba|folder|csv: more filter_data.py flags, e.g. "
                                                    "'--steps 100 --width 8' (--paper passes its --paper)"})
 
 
@@ -153,9 +157,13 @@ RUN_CONTROL = ("resume", "overwrite", "stop_at", "device", "threads", "out", "st
 # Each data set: the toy_circles region of its training images and its number of classes.
 DATA = {"circles": dict(region="train", classes=2),     # Sec. 5.5: left / right bands
         "corners": dict(region="corners", classes=4),   # App. F: four corner squares, label = quadrant
-        "celeba": dict(region=None, classes=2, flip_swaps_label=False)}  # Sec. 5.1: a mirrored smile is a smile
+        "celeba": dict(region=None, classes=2, flip_swaps_label=False),  # Sec. 5.1: a mirrored smile is a smile
+        "folder": dict(region=None, classes=2, flip_swaps_label=False),  # your images: a flip keeps the class
+        "csv": dict(region=None, classes=2, flip_swaps_label=False)}
+FACE_DATA = ("celeba", "folder", "csv")  # labelled images through filter_data.py (the "Faces" section)
 # flip_swaps_label (default True): a left-right flip turns a circle on the left into one on the right,
-# so the classifier's flips toggle the label; a flipped face keeps its label.
+# so the classifier's flips toggle the label; a flipped face keeps its label (and so, we assume, does
+# an image of your own classes: pass --data folder images whose class survives a mirror).
 CFG_SWEEP = "0,1,3,10,30"  # the lambda sweep of a --guidance free run when --lambda-sweep is not given
 
 PRESETS = {"circles": {},  # the dataclass defaults are the circles CPU preset
@@ -183,6 +191,8 @@ PAPER_PRESETS["celeba"] = dict(image_size=64, unet="paper", T=4000, steps=250000
                                grid_every=25000, log_every=500, n_samples=10000, sample_batch=250, clf="paper",
                                clf_steps=150000, clf_lr=3e-4, runs=1, regressor_steps=0, subset="60k",
                                filter_args="--paper")
+for _name in ("folder", "csv"):  # your own labelled images: the faces' numbers
+    PRESETS[_name], PAPER_PRESETS[_name] = PRESETS["celeba"], PAPER_PRESETS["celeba"]
 
 
 def parse_config(argv=None):
@@ -252,7 +262,7 @@ def check_config(cfg, parser):
         parser.error("--attention sets U-Net attention resolutions; it does not apply to --backbone dit")
     if os.path.isfile(cfg.out):
         parser.error(f"--out {cfg.out} is a file; expected a folder")
-    if cfg.data == "celeba":
+    if cfg.data in FACE_DATA:
         check_faces(cfg, parser)
 
 
@@ -943,7 +953,7 @@ def run(cfg):
 
 def main(argv=None):
     cfg = parse_config(argv)
-    if cfg.data == "celeba":  # faces, Sec. 5.1-5.3: the section "Faces" below
+    if cfg.data in FACE_DATA:  # faces (or your own images), Sec. 5.1-5.3: the section "Faces" below
         return run_faces_cli(cfg)
     run(cfg)
 
@@ -952,6 +962,8 @@ def main(argv=None):
 # Faces: CelebA, Sections 5.1-5.3 (filter -> DDPM -> classifier -> samples -> histograms)
 # ----------------------------------------------------------------------------------------------
 # python train.py --data celeba --attr Smiling --root R [--subset 10k] [--paper]
+# python train.py --data folder --root R        (R/<class 0>/*.jpg, R/<class 1>/*.jpg: your own two classes)
+# python train.py --data csv --csv FILE.csv     (rows path,label[,split])
 #   1. filter_data.py keeps the extreme faces in OUT/filter (Sec. 4.3, App. D.1; --subset is step 3 of
 #      Sec. 5.2) and trains the evaluation classifier (all training faces, calibrated): the judge.
 #   2. The DDPM and 3. the noisy guidance classifier train on the kept faces with the same `fit` as the
@@ -973,28 +985,44 @@ PAPER_FACES = dict(guided={"60k": (0.130, 0.607), "30k": (0.184, 0.835), "10k": 
 FILTER_RUN_CONTROL = ("device", "workers", "threads", "cache")  # filter_data.py flags that change no result
 
 
+def source_flags(cfg):
+    """The flags that name the labelled images, shared by train.py and filter_data.py."""
+    return ["--data", cfg.data, *dict(celeba=["--attr", cfg.attr, "--root", cfg.root], folder=["--root", cfg.root],
+                                      csv=["--csv", cfg.csv])[cfg.data]]
+
+
 def filter_argv(cfg):
     """The filter_data.py command line of a faces run: output OUT/filter, images of --image-size.
     --filter-args come last, so they may override any of these (e.g. --out to share one filter)."""
-    argv = ["--data", "celeba", "--root", cfg.root, "--attr", cfg.attr, "--out", os.path.join(cfg.out, "filter"),
+    argv = [*source_flags(cfg), "--out", os.path.join(cfg.out, "filter"),
             "--size", str(cfg.image_size), "--subset", cfg.subset, "--seed", str(cfg.seed)]
     argv += ["--device", cfg.device] if cfg.device != "auto" else []
     return argv + shlex.split(cfg.filter_args)
 
 
 def check_faces(cfg, parser):
-    """--data celeba: a CelebA root that holds the attribute; filter_data.py's errors name the missing file."""
-    if not cfg.root:
+    """--data celeba|folder|csv: the input exists and reads (a CelebA root that holds the attribute, two
+    class folders, a well-formed CSV); filter_data.py's reader errors name the missing file or flag."""
+    if cfg.data == "celeba" and not cfg.root:
         parser.error("--data celeba needs --root, the CelebA folder (img_align_celeba/, list_attr_celeba.txt, "
                      "list_eval_partition.txt)")
+    if cfg.data == "folder" and not cfg.root:
+        parser.error("--data folder needs --root, a folder holding exactly two class folders of images")
+    if cfg.data == "csv" and not cfg.csv:
+        parser.error("--data csv needs --csv, a file of path,label[,split] rows")
     if cfg.guidance != "classifier":
-        parser.error("--data celeba: only --guidance classifier is wired for faces (ddpm_loss's class-conditional "
-                     "flips would swap face labels)")
+        parser.error(f"--data {cfg.data}: only --guidance classifier is wired for faces (ddpm_loss's "
+                     "class-conditional flips would swap face labels)")
     try:
         shlex.split(cfg.filter_args)
     except ValueError as e:
         parser.error(f"--filter-args: {e}")
-    filter_data.celeba_dataset(cfg.root, cfg.attr)  # a one-line DataError (exit 1) for a missing file or attribute
+    filter_data.read_dataset(filter_data.parse_args(filter_argv(cfg)))  # one-line errors (exit 1 or 2)
+
+
+def attribute_name(cfg, class_names):
+    """What the evaluation classifier's score is the probability of: the CelebA attribute, else class 1."""
+    return cfg.attr if cfg.data == "celeba" else class_names[1]
 
 
 def filter_finished(args):
@@ -1045,17 +1073,18 @@ def draw_faces(cfg, rt, model, d, name, ddpm_step, clf=None, lambdas=(0.0, 0.0))
     return images
 
 
-def score_row(cfg, name, label, scores, paper_key):
-    """One row of the comparison: the 100-bin histogram of `scores` against uniform (App. B), both range
-    conventions, the fraction of mild scores in [0.2, 0.8], the paper's (MSE, KLD); figures/hist_<name>.png."""
+def score_row(cfg, name, label, scores, paper_key, attribute):
+    """One row of the comparison: the 100-bin histogram of `scores` = p(attribute) against uniform (App. B),
+    both range conventions, the fraction of mild scores in [0.2, 0.8], the paper's (MSE, KLD) for CelebA
+    Smiling; figures/hist_<name>.png."""
     m = evaluate.histogram_metrics(scores)
     evaluate.plot_histogram_vs_uniform(scores, os.path.join(cfg.out, "figures", f"hist_{name}.png"),
-                                       f"p({cfg.attr}) of the {label} (evaluation classifier)")
+                                       f"p({attribute}) of the {label} (evaluation classifier)")
     paper = PAPER_FACES.get(paper_key, {}).get("60k" if cfg.subset == "all" else cfg.subset)
     return dict(name=name, label=label, n=len(scores), unit={k: m["unit"][k] for k in ("mse", "kld")},
                 data={k: m["data"][k] for k in ("mse", "kld")},
                 middle_fraction=float(np.mean((scores >= 0.2) & (scores <= 0.8))),
-                paper=list(paper) if paper and cfg.attr == "Smiling" else None)
+                paper=list(paper) if paper and cfg.data == "celeba" and cfg.attr == "Smiling" else None)
 
 
 def run_faces(cfg, rt):
@@ -1090,26 +1119,28 @@ def run_faces(cfg, rt):
     def scores(images):
         return evaluate.classifier_scores(images, judge, rt.device)
 
+    attribute = attribute_name(cfg, kept["class_names"])
+    distinct = filter_data.load_kept(fout, oversample=False)  # each kept image once (no --subset young repeats)
     t0, rows = time.time(), []
     for r, clf in enumerate(clfs):
         images = draw_faces(cfg, rt, ema, d, f"guided_run{r}", ddpm_step, clf, parse_floats(cfg.lambdas))
         rows.append(score_row(cfg, f"guided_run{r}", f"multi-guided samples, lambda = {cfg.lambdas}"
-                              + (f", classifier {r}" if cfg.runs > 1 else ""), scores(images), "guided"))
+                              + (f", classifier {r}" if cfg.runs > 1 else ""), scores(images), "guided", attribute))
         if r == 0:  # App. H: nearest training faces of the guided samples
-            memo = memorization_check(cfg, images, kept, clf)
-    rows.append(score_row(cfg, "training", f"training faces (--subset {cfg.subset})", scores(kept["images"]),
-                          "training"))
+            memo = memorization_check(cfg, images, distinct, clf)
+    rows.append(score_row(cfg, "training", f"training images (--subset {cfg.subset})", scores(distinct["images"]),
+                          "training", attribute))
     rows.append(score_row(cfg, "unconditional", "unconditional samples",
-                          scores(draw_faces(cfg, rt, ema, d, "unconditional", ddpm_step)), "unconditional"))
+                          scores(draw_faces(cfg, rt, ema, d, "unconditional", ddpm_step)), "unconditional", attribute))
     for lam in parse_floats(cfg.lambda_sweep):  # Sec. 5.3: the same lambda on both classes, classifier 0
         images = draw_faces(cfg, rt, ema, d, f"sweep_lambda{lam:g}", ddpm_step, clfs[0], (lam, lam))
         rows.append(score_row(cfg, f"sweep_lambda{lam:g}", f"multi-guided samples, lambda = {lam:g}", scores(images),
-                              None))
+                              None, attribute))
     timings["sampling_and_scoring_s"] = time.time() - t0
     timings["total_s"] = time.time() - t_start
     with open(os.path.join(fout, "evaluation.json")) as fh:
         judge_cal = json.load(fh)
-    results = dict(data=cfg.data, attr=cfg.attr, subset=cfg.subset, class_names=kept["class_names"], memorization=memo,
+    results = dict(data=cfg.data, attr=attribute, subset=cfg.subset, class_names=kept["class_names"], memorization=memo,
                    training_per_class=per_class, rows=rows, lambdas=parse_floats(cfg.lambdas), n_samples=cfg.n_samples,
                    sample_respacing=cfg.sample_respacing, sampler=cfg.sampler, filter_out=fout,
                    evaluation_classifier=dict(path=judge, test_accuracy=judge_cal.get("test_accuracy"),
@@ -1131,7 +1162,9 @@ def faces_report(cfg, r):
     def cell(x):
         return "-" if x is None else f"{x[0]:.3f} / {x[1]:.3f}"
 
-    lines = [f"# Faces: zero-shot interpolation of CelebA's {cfg.attr} (paper Sections 5.1-5.3)", ""]
+    attr = r["attr"]  # the CelebA attribute, or the name of class 1 for --data folder|csv
+    source = "CelebA's" if cfg.data == "celeba" else f"{r['class_names'][0]} vs {r['class_names'][1]} (--data {cfg.data}):"
+    lines = [f"# Faces: zero-shot interpolation of {source} {attr} (paper Sections 5.1-5.3)", ""]
     if smoke:
         lines += ["**Smoke scale.** This run used a reduced configuration (U-Net '" + cfg.unet + f"', {cfg.steps} DDPM "
                   f"steps, {cfg.n_samples} samples): it checks that the pipeline runs end to end; it is NOT a "
@@ -1141,11 +1174,11 @@ def faces_report(cfg, r):
               f"Training set: {sum(r['training_per_class'])} extreme faces, {r['training_per_class']} per class "
               f"{r['class_names']}. Judge: filter_data.py's evaluation classifier (test accuracy "
               f"{r['evaluation_classifier']['test_accuracy']:.3f}, temperature "
-              f"{r['evaluation_classifier']['temperature']:.3f}). Score = its calibrated p({cfg.attr}).", "",
+              f"{r['evaluation_classifier']['temperature']:.3f}). Score = its calibrated p({attr}).", "",
               "Histogram of the scores, 100 bins, against uniform (App. B); lower is better. `data`: bins over "
               "[min, max] of the scores, as the released code (and so, presumably, the paper's numbers); `unit`: "
               "bins over [0, 1], as the text describes.", "",
-              f"| {cfg.attr} scores of | n | MSE (data) | KLD (data) | MSE (unit) | KLD (unit) | in [0.2, 0.8] | "
+              f"| {attr} scores of | n | MSE (data) | KLD (data) | MSE (unit) | KLD (unit) | in [0.2, 0.8] | "
               f"paper MSE / KLD ({subset}) |", "|---|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
         lines.append(f"| {row['label']} | {row['n']} | {row['data']['mse']:.3f} | {row['data']['kld']:.3f} | "
@@ -1154,7 +1187,7 @@ def faces_report(cfg, r):
     t = r["timings_s"]
     lines += ["", f"Paper: Sec. 5.1 (guided 0.13 / 0.61, training 0.56 / 3.17, unconditional 0.64 / 3.5; lambda = "
                   f"30,30, 10k samples, 250 steps), Table 1 for the 30k, 10k and 5k subsets"
-                  f"{'' if cfg.attr == 'Smiling' else f' (Smiling only: none for {cfg.attr})'}. This run: "
+                  f"{'' if r['rows'][0]['paper'] else f' (CelebA Smiling only: none for {attr})'}. This run: "
                   f"{cfg.sampler}, {cfg.sample_respacing} steps, {cfg.n_samples} samples.",
               f"Timings: filter {t['filter_s']:.0f} s, DDPM {t['ddpm_training_s']:.0f} s, classifier "
               f"{t['classifier_training_s']:.0f} s, sampling and scoring {t['sampling_and_scoring_s']:.0f} s, total "
@@ -1179,7 +1212,7 @@ def paper_cost_estimate(cfg):
     times the run's steps, batch sizes, images and samples. One step at batch 1: an order of magnitude."""
     torch.set_num_threads(cfg.threads or max(1, min(8, os.cpu_count() or 1)))
     f = filter_data.parse_args(filter_argv(cfg))
-    n_faces = len(filter_data.celeba_dataset(cfg.root, cfg.attr)["labels"])
+    n_faces = len(filter_data.read_dataset(f)["labels"])
     torch.manual_seed(cfg.seed)
     model, _, _ = build_ddpm(cfg)
     clf = classifier.build_classifier(cfg.clf, image_size=cfg.image_size, num_classes=2)
@@ -1206,27 +1239,33 @@ def paper_cost_estimate(cfg):
 
 
 def run_faces_cli(cfg):
-    """main() for --data celeba: without CUDA the paper's networks first get a time estimate and a refusal
-    (unless --force), then run_faces in a prepared --out, then the headline."""
-    if "paper" in (cfg.unet, cfg.clf) and not (torch.cuda.is_available() and cfg.device != "cpu"):
+    """main() for --data celeba|folder|csv: without CUDA the paper's networks first get a time estimate and a
+    refusal (unless --force), and the CPU preset says what it is; then run_faces in a prepared --out, then
+    the headline."""
+    gpu = torch.cuda.is_available() and cfg.device != "cpu"
+    if not gpu and "paper" not in (cfg.unet, cfg.clf):  # the default on a laptop: say what it is and is not
+        print("no GPU: this is the reduced CPU preset (smoke scale; it runs end to end but does not reproduce the "
+              "paper's numbers). The paper's configuration took about 20 h for the DDPM on 2 GPUs and 8 h for the "
+              "classifier (App. C); add --paper to get this machine's estimate for it (the run then stops).")
+    if "paper" in (cfg.unet, cfg.clf) and not gpu:
         total, parts = paper_cost_estimate(cfg)
         msg = (f"train.py: the paper's configuration without a GPU would take about {_duration(total)} on this "
                f"machine ({', '.join(f'{k} {_duration(v)}' for k, v in parts.items())}; estimated from one timed "
                f"step at batch 1 of each network here, not from a run; the paper, App. C: about 20 h for the DDPM on "
                f"2 GPUs and 8 h for the classifier on one). Use a GPU, or drop --paper for the CPU "
-               f"preset (smoke scale, not a reproduction): python train.py --data celeba --attr {cfg.attr} "
-               f"--root {shlex.quote(cfg.root)}. --force runs it anyway.")
+               f"preset (smoke scale, not a reproduction): python train.py {shlex.join(source_flags(cfg))}"
+               f". --force runs it anyway.")
         if not cfg.force:
             raise SystemExit(msg)
         print(msg)
         if cfg.precision == "fp16":
             print("--force on the CPU: --precision fp16 needs CUDA; using fp32")
             cfg.precision = "fp32"
-    r = run_in_processes(cfg, run_faces, f"celeba {cfg.attr}")
+    r = run_in_processes(cfg, run_faces, f"{cfg.data} {cfg.attr if cfg.data == 'celeba' else ''}".strip())
     if r is not None:
         g, tr, un = r["rows"][0], r["rows"][cfg.runs], r["rows"][cfg.runs + 1]
         print(f"report: {os.path.join(cfg.out, 'report.md')}")
-        print(f"HEADLINE {cfg.attr} histogram vs uniform, MSE / KLD (data range): guided {g['data']['mse']:.3f} / "
+        print(f"HEADLINE {r['attr']} histogram vs uniform, MSE / KLD (data range): guided {g['data']['mse']:.3f} / "
               f"{g['data']['kld']:.3f} (paper 0.13 / 0.61), training {tr['data']['mse']:.3f} / {tr['data']['kld']:.3f} "
               f"(0.56 / 3.17), unconditional {un['data']['mse']:.3f} / {un['data']['kld']:.3f} (0.64 / 3.5), "
               f"{r['timings_s']['total_s'] / 60:.1f} min")

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -85,6 +86,19 @@ def test_pipeline_writes_the_three_rows_of_section_5_1(finished):
         assert os.path.isfile(os.path.join(out, png))
     assert os.path.isfile(os.path.join(out, "filter", "classifiers", "evaluation.pt"))
     assert r.stdout.strip().splitlines()[-1].startswith("HEADLINE Smiling")
+    if not torch.cuda.is_available():  # the default on a laptop says it is the reduced preset
+        assert "no GPU: this is the reduced CPU preset" in r.stdout and "--paper" in r.stdout
+    # App. H: the guided samples' nearest training faces, recomputed from the saved files
+    import evaluate
+    import filter_data
+    memo = res["memorization"]
+    guided = np.load(os.path.join(out, "samples", "guided_run0.npz"))["images"]
+    kept = filter_data.load_kept(os.path.join(out, "filter"), oversample=False)
+    again = evaluate.memorization(guided, kept["images"])
+    assert memo["n"] == 8 and memo["n_train"] == len(kept["images"]) == training["n"]
+    assert memo["near_copy_fraction"] == again["near_copy_fraction"]
+    assert memo["median_pixel_cosine"] == pytest.approx(again["median_pixel_cosine"], abs=1e-12)
+    assert "## Memorization (App. H)" in report and os.path.isfile(os.path.join(out, "figures", "memorization_pairs.png"))
 
 
 def test_resume_recomputes_no_finished_stage(finished, celeba):
@@ -163,3 +177,38 @@ def test_paper_without_gpu_prints_an_estimate_and_refuses(tmp_path, celeba):
     assert "would take about" in r.stderr and "one timed step" in r.stderr and "--force" in r.stderr, r.stderr
     assert "python train.py --data celeba --attr Smiling --root" in r.stderr  # the CPU preset is suggested
     assert not (tmp_path / "p").exists()
+
+
+def test_folder_layout_runs_the_same_pipeline(tmp_path, celeba):
+    """--data folder: the user's own two classes (here the fixture's faces sorted into class folders by
+    their noisy labels, mild faces included) go through the same filter -> DDPM -> guidance -> scores."""
+    import cv2
+    with open(os.path.join(celeba, "list_attr_celeba.txt")) as fh:
+        lines = fh.read().splitlines()
+    smiling = lines[1].split().index("Smiling") + 1
+    for row in lines[2:]:
+        f, label = row.split()[0], row.split()[smiling]
+        folder = tmp_path / "mine" / ("b_smile" if label == "1" else "a_neutral")
+        folder.mkdir(parents=True, exist_ok=True)
+        image = cv2.imread(os.path.join(celeba, "img_align_celeba", f))
+        cv2.imwrite(str(folder / f.replace(".jpg", ".png")), image)
+    flags = [x for x in TINY if x not in ("--data", "celeba")]
+    out = tmp_path / "out"
+    r = run_cli("--data", "folder", *flags, "--root", str(tmp_path / "mine"), "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.load(open(out / "results.json"))
+    assert res["data"] == "folder" and res["class_names"] == ["a_neutral", "b_smile"] and res["attr"] == "b_smile"
+    assert [row["name"] for row in res["rows"]] == ["guided_run0", "training", "unconditional"]
+    assert all(row["paper"] is None for row in res["rows"])          # the paper's numbers are CelebA Smiling's
+    config = json.load(open(out / "filter" / "config.json"))
+    assert config["data"] == "folder" and config["root"] == str(tmp_path / "mine")
+    assert "b_smile" in (out / "report.md").read_text()
+    assert r.stdout.strip().splitlines()[-1].startswith("HEADLINE b_smile")
+    # the same one-line refusals as for CelebA
+    r = run_cli("--data", "folder", "--out", str(tmp_path / "x"))
+    assert one_line_error(r)[0] and "--root" in r.stderr, r.stderr
+    r = run_cli("--data", "csv", "--out", str(tmp_path / "y"))
+    assert one_line_error(r)[0] and "--csv" in r.stderr, r.stderr
+    r = run_cli("--data", "folder", "--root", celeba, "--out", str(tmp_path / "z"))   # one folder, not two
+    assert one_line_error(r)[0] and "two class folders" in r.stderr, r.stderr
+    assert not any((tmp_path / x).exists() for x in "xyz")

@@ -170,6 +170,9 @@ def test_folder_and_csv_readers(tmp_path):
     (tmp_path / "bad.csv").write_text("a.png,x,train\nb.png,y,dev\n")
     with pytest.raises(fd.DataError, match=r"bad.csv: line 2: split 'dev' is not one of train, val, test"):
         fd.csv_dataset(str(tmp_path / "bad.csv"))
+    (tmp_path / "mixed.csv").write_text("a.png,x,train\nb.png,y\n")
+    with pytest.raises(fd.DataError, match=r"mixed.csv: line 2 has no split column"):
+        fd.csv_dataset(str(tmp_path / "mixed.csv"))
     (tmp_path / "one.csv").write_text("a.png,x\nb.png,x\n")
     with pytest.raises(fd.DataError, match="expected exactly two distinct labels, found 1"):
         fd.csv_dataset(str(tmp_path / "one.csv"))

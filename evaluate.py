@@ -276,18 +276,24 @@ def plot_histogram_vs_uniform(scores, path, title, bins=100):
 # ----------------------------------------------------------------------------------------------
 # Scores from a regressor of the known attribute (App. K)
 
-def regressor_scores(model, images, batch=256):
-    """(N, D) float64 in (0, 1): the App. K regressor's predicted attributes of uint8 images (N, S, S, 3)
-    (for the circles D = 2: z_x, z_y). `model` is a trained regressor (classifier.predict_attributes)."""
+def map_images(model, fn, images, batch=256):
+    """float64 numpy of fn(model, x) over uint8 images (N, S, S, C) in batches, x in [-1, 1] on the
+    model's device, without gradients and in eval mode: the one loop every image scorer here shares."""
     tensors = list(model.parameters())
     device = tensors[0].device if tensors else torch.device("cpu")
     model.eval()
     out = []
     with torch.no_grad():
         for start in range(0, len(images), batch):
-            x = to_tensor(images[start:start + batch]).to(device)          # (b, 3, S, S) in [-1, 1]
-            out.append(classifier.predict_attributes(model, x).double().cpu())
+            x = to_tensor(images[start:start + batch]).to(device)          # (b, C, S, S) in [-1, 1]
+            out.append(fn(model, x).double().cpu())
     return torch.cat(out).numpy()
+
+
+def regressor_scores(model, images, batch=256):
+    """(N, D) float64 in (0, 1): the App. K regressor's predicted attributes of uint8 images (N, S, S, 3)
+    (for the circles D = 2: z_x, z_y). `model` is a trained regressor (classifier.predict_attributes)."""
+    return map_images(model, classifier.predict_attributes, images, batch)
 
 
 def regressor_vs_detector(pred, stats, bins=100):
@@ -348,15 +354,7 @@ def classifier_features(model, images, batch=256):
     """(N, C) float64: the noisy classifier's penultimate features (classifier.NoisyClassifier.features)
     of clean uint8 images (N, S, S, C) at t = 0. App. H uses CLIP embeddings; CLIP weights cannot be
     downloaded here, so the guidance classifier's own features stand in for a learned image space."""
-    tensors = list(model.parameters())
-    device = tensors[0].device if tensors else torch.device("cpu")
-    model.eval()
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(images), batch):
-            x = to_tensor(images[start:start + batch]).to(device)           # (b, C, S, S) in [-1, 1]
-            out.append(model.features(x, 0).double().cpu())
-    return torch.cat(out).numpy()
+    return map_images(model, lambda m, x: m.features(x, 0), images, batch)
 
 
 def memorization(samples, train_images, train_centres=None, stats=None, features=None, copy_cosine=COPY_COSINE):

@@ -647,35 +647,35 @@ def prepare_out(cfg):
 PAPER_CIRCLES = dict(accuracy=(0.78, 0.087), bad=(0.0425, 0.0245), spectral_best=0.90)  # Sec. 5.5
 
 
-def sample_and_evaluate(cfg, rt, model, d, name, ddpm_step, clf=None, lambdas=(0.0, 0.0), guidance="classifier"):
-    """Sample cfg.n_samples images (guided when lambdas != 0), save NPZ + grid, return circle_stats.
+def draw_samples(cfg, rt, model, d, name, ddpm_step, clf=None, lambdas=(0.0, 0.0), guidance="classifier"):
+    """cfg.n_samples images, uint8 (N, S, S, 3), multi-guided when lambdas != 0; writes samples/<name>.npz
+    (atomically) and a grid of the first 64 as samples/<name>.png.
 
     guidance "classifier" guides with clf (Eq. 2); "free" with the class-conditional model itself (App. J).
-
     Under --resume, samples already drawn from the same DDPM step with the same weights are reused.
     """
     path = os.path.join(cfg.out, "samples", f"{name}.npz")
-    if cfg.resume and os.path.exists(path):
-        old = np.load(path)
-        if int(old["ddpm_step"]) == ddpm_step and list(old["lambdas"]) == list(lambdas):
-            images = old["images"]
-            return _save_sample_grid(cfg, images, name)
-    x = multiguide.sample(model, d, cfg.n_samples, classifier=clf if any(lambdas) and guidance == "classifier" else None,
-                          lambdas=list(lambdas), respacing=cfg.sample_respacing, sampler=cfg.sampler,
-                          batch=cfg.sample_batch, seed=cfg.seed + 1, device=rt.device, progress=True,
-                          guidance=guidance)
-    images = toy_circles.to_uint8(x)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez_compressed(tmp, images=images, lambdas=np.array(lambdas), ddpm_step=ddpm_step)
-    os.replace(tmp, path)
-    return _save_sample_grid(cfg, images, name)
-
-
-def _save_sample_grid(cfg, images, name):
+    old = np.load(path) if cfg.resume and os.path.exists(path) else None
+    if old is not None and int(old["ddpm_step"]) == ddpm_step and list(old["lambdas"]) == list(lambdas):
+        images = old["images"]
+    else:
+        x = multiguide.sample(model, d, cfg.n_samples,
+                              classifier=clf if any(lambdas) and guidance == "classifier" else None,
+                              lambdas=list(lambdas), respacing=cfg.sample_respacing, sampler=cfg.sampler,
+                              batch=cfg.sample_batch, seed=cfg.seed + 1, device=rt.device, progress=True,
+                              guidance=guidance)
+        images = toy_circles.to_uint8(x)  # (N, S, S, 3)
+        buf = io.BytesIO()
+        np.savez_compressed(buf, images=images, lambdas=np.array(lambdas), ddpm_step=ddpm_step)
+        toy_circles.write_bytes_atomically(path, buf.getvalue())
     toy_circles.save_grid(images[:64], os.path.join(cfg.out, "samples", f"{name}.png"), nrow=8,
                           scale=max(1, 64 // cfg.image_size))
-    return evaluate.circle_stats(images)
+    return images
+
+
+def sample_and_evaluate(cfg, rt, model, d, name, ddpm_step, clf=None, lambdas=(0.0, 0.0), guidance="classifier"):
+    """draw_samples, then the circle detector: returns evaluate.circle_stats of the samples."""
+    return evaluate.circle_stats(draw_samples(cfg, rt, model, d, name, ddpm_step, clf, lambdas, guidance))
 
 
 def mean_std(values):
@@ -1053,26 +1053,6 @@ def faces_filter(cfg, rt):
     return args.out
 
 
-def draw_faces(cfg, rt, model, d, name, ddpm_step, clf=None, lambdas=(0.0, 0.0)):
-    """cfg.n_samples faces, uint8 (N, S, S, 3), multi-guided by clf when lambdas != 0 (Eq. 2); writes
-    samples/<name>.npz and a grid of 64. Under --resume, samples of the same DDPM step and weights are reused."""
-    path = os.path.join(cfg.out, "samples", f"{name}.npz")
-    old = np.load(path) if cfg.resume and os.path.exists(path) else None
-    if old is not None and int(old["ddpm_step"]) == ddpm_step and list(old["lambdas"]) == list(lambdas):
-        images = old["images"]
-    else:
-        x = multiguide.sample(model, d, cfg.n_samples, classifier=clf if any(lambdas) else None, lambdas=list(lambdas),
-                              respacing=cfg.sample_respacing, sampler=cfg.sampler, batch=cfg.sample_batch,
-                              seed=cfg.seed + 1, device=rt.device, progress=True)
-        images = toy_circles.to_uint8(x)  # (N, S, S, 3)
-        buf = io.BytesIO()
-        np.savez_compressed(buf, images=images, lambdas=np.array(lambdas), ddpm_step=ddpm_step)
-        toy_circles.write_bytes_atomically(path, buf.getvalue())
-    toy_circles.save_grid(images[:64], os.path.join(cfg.out, "samples", f"{name}.png"), nrow=8,
-                          scale=max(1, 64 // cfg.image_size))
-    return images
-
-
 def score_row(cfg, name, label, scores, paper_key, attribute):
     """One row of the comparison: the 100-bin histogram of `scores` = p(attribute) against uniform (App. B),
     both range conventions, the fraction of mild scores in [0.2, 0.8], the paper's (MSE, KLD) for CelebA
@@ -1123,7 +1103,7 @@ def run_faces(cfg, rt):
     distinct = filter_data.load_kept(fout, oversample=False)  # each kept image once (no --subset young repeats)
     t0, rows = time.time(), []
     for r, clf in enumerate(clfs):
-        images = draw_faces(cfg, rt, ema, d, f"guided_run{r}", ddpm_step, clf, parse_floats(cfg.lambdas))
+        images = draw_samples(cfg, rt, ema, d, f"guided_run{r}", ddpm_step, clf, parse_floats(cfg.lambdas))
         rows.append(score_row(cfg, f"guided_run{r}", f"multi-guided samples, lambda = {cfg.lambdas}"
                               + (f", classifier {r}" if cfg.runs > 1 else ""), scores(images), "guided", attribute))
         if r == 0:  # App. H: nearest training faces of the guided samples
@@ -1131,9 +1111,9 @@ def run_faces(cfg, rt):
     rows.append(score_row(cfg, "training", f"training images (--subset {cfg.subset})", scores(distinct["images"]),
                           "training", attribute))
     rows.append(score_row(cfg, "unconditional", "unconditional samples",
-                          scores(draw_faces(cfg, rt, ema, d, "unconditional", ddpm_step)), "unconditional", attribute))
+                          scores(draw_samples(cfg, rt, ema, d, "unconditional", ddpm_step)), "unconditional", attribute))
     for lam in parse_floats(cfg.lambda_sweep):  # Sec. 5.3: the same lambda on both classes, classifier 0
-        images = draw_faces(cfg, rt, ema, d, f"sweep_lambda{lam:g}", ddpm_step, clfs[0], (lam, lam))
+        images = draw_samples(cfg, rt, ema, d, f"sweep_lambda{lam:g}", ddpm_step, clfs[0], (lam, lam))
         rows.append(score_row(cfg, f"sweep_lambda{lam:g}", f"multi-guided samples, lambda = {lam:g}", scores(images),
                               None, attribute))
     timings["sampling_and_scoring_s"] = time.time() - t0

@@ -369,7 +369,8 @@ def memorization(samples, train_images, train_centres=None, stats=None, features
     centre (the same pixel: |dx| <= 0.5 and |dy| <= 0.5), over all samples and over those in the middle
     band (no training centre is there, so any hit would be a detector or data bug).
     Returns the per-sample arrays (pixel_index, pixel_distance, pixel_cosine, near_copy, feature_index,
-    feature_cosine, on_training_centre) and the fractions, medians and counts that results.json keeps.
+    feature_cosine, on_training_centre, in_middle) and the fractions, medians and counts that results.json
+    keeps.
     """
     n = len(samples)
     pix = nearest_neighbours(image_vectors(samples), image_vectors(train_images))
@@ -393,7 +394,8 @@ def memorization(samples, train_images, train_centres=None, stats=None, features
             cheb = np.abs(c[one][:, None, :] - tc[None, :, :]).max(axis=2).min(axis=1)
             on[one] = cheb <= 0.5
         middle = np.asarray(stats["in_middle"], dtype=bool)
-        out.update(on_training_centre=on, on_training_centre_fraction=float(on.mean()) if n else float("nan"),
+        out.update(on_training_centre=on, in_middle=middle,
+                   on_training_centre_fraction=float(on.mean()) if n else float("nan"),
                    on_training_centre_of_one_circle=float(on[one].mean()) if one.any() else float("nan"),
                    n_middle=int(middle.sum()), middle_on_training_centre=int((on & middle).sum()),
                    middle_near_copy=int((near_copy & middle).sum()),
@@ -406,15 +408,20 @@ def memorization_summary(m):
     return {k: v for k, v in m.items() if not isinstance(v, np.ndarray)}
 
 
-def save_memorization_grid(samples, train_images, m, path, pairs=8, order=None):
+def save_memorization_grid(samples, train_images, m, path, pairs=8):
     """PNG of sample / nearest training image pairs (Figs. S15-S18): row 1 samples, row 2 their nearest
     training image in pixel space, row 3 (when m has feature_index) their nearest in feature space.
-    `order` picks which samples (indices); the default takes the first `pairs`."""
-    pick = np.arange(min(pairs, len(samples))) if order is None else np.asarray(order)[:pairs]
+    The first `pairs` samples; for circles (m has in_middle) up to 3/4 of them from the middle band first,
+    the interesting ones, then the rest. Tiles are upscaled to at least 128 px."""
+    order = np.arange(len(samples))
+    if "in_middle" in m:
+        middle = np.flatnonzero(m["in_middle"])[:max(1, 3 * pairs // 4)]
+        order = np.concatenate([middle, np.setdiff1d(order, middle)])
+    pick = order[:pairs]
     rows = [samples[pick], train_images[m["pixel_index"][pick]]]
     if "feature_index" in m:
         rows.append(train_images[m["feature_index"][pick]])
-    save_grid(np.concatenate(rows), path, nrow=len(pick), scale=max(1, 64 // samples.shape[1]))
+    save_grid(np.concatenate(rows), path, nrow=len(pick), scale=max(1, 128 // samples.shape[1]))
 
 
 # ----------------------------------------------------------------------------------------------

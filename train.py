@@ -718,12 +718,8 @@ def memorization_check(cfg, samples, train, clf, stats=None):
     stats = {k: (v[:MEMO_SAMPLES] if isinstance(v, np.ndarray) else v) for k, v in stats.items()} if stats else None
     features = (evaluate.classifier_features(clf, samples), evaluate.classifier_features(clf, train["images"]))
     m = evaluate.memorization(samples, train["images"], train.get("centres") if stats else None, stats, features)
-    order = None
-    if stats is not None:  # the interesting pairs first: middle samples, then the rest
-        middle = np.asarray(stats["in_middle"], dtype=bool)
-        order = np.concatenate([np.flatnonzero(middle)[:6], np.flatnonzero(~middle)])
     evaluate.save_memorization_grid(samples, train["images"], m, os.path.join(cfg.out, "figures",
-                                                                            "memorization_pairs.png"), 8, order)
+                                                                            "memorization_pairs.png"))
     return evaluate.memorization_summary(m)
 
 

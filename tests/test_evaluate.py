@@ -221,7 +221,7 @@ def test_nearest_neighbours_against_a_direct_distance_matrix():
         ev.nearest_neighbours(q, r[:, :3])
 
 
-def test_memorization_copies_middle_circles_and_a_one_pixel_shift_by_hand():
+def test_memorization_copies_middle_circles_and_a_one_pixel_shift_by_hand(tmp_path):
     """32 x 32, radius 1: a disc is a 5-pixel plus. Training copies have cosine 1 and sit on a training
     centre; a disc deep in the middle band overlaps no training disc (cosine 0); a disc at x = 6, the
     first middle column, one right of the band edge x = 5, shares 2 of its 5 pixels with its nearest
@@ -246,6 +246,12 @@ def test_memorization_copies_middle_circles_and_a_one_pixel_shift_by_hand():
     assert m["on_training_centre_of_one_circle"] == pytest.approx(3 / 6)
     assert m["n_middle"] == 3 and m["middle_on_training_centre"] == 0 and m["middle_near_copy"] == 0
     assert m["median_pixel_cosine_middle"] == 0.0
+    assert m["in_middle"].tolist() == [False, False, False, True, True, True, False]
+    ev.save_memorization_grid(samples, train["images"], m, str(tmp_path / "pairs.png"), pairs=4)
+    import cv2
+    grid = cv2.imread(str(tmp_path / "pairs.png"))                    # the 3 middle samples first, then copy 0
+    assert grid.shape == (2 * 128 + 1, 4 * 128 + 3, 3)
+    assert np.array_equal(grid[:128, :128], np.repeat(np.repeat(samples[3], 4, 0), 4, 1)[..., ::-1])
     summary = ev.memorization_summary(m)
     assert "pixel_index" not in summary and json.dumps(summary)       # scalars only, JSON-ready
 
@@ -272,7 +278,7 @@ def test_memorization_in_classifier_features(tmp_path):
     ev.save_memorization_grid(samples, train["images"], m, str(tmp_path / "pairs.png"))
     import cv2
     grid = cv2.imread(str(tmp_path / "pairs.png"))
-    assert grid.shape == (3 * 64 + 2, 2 * 64 + 1, 3)                   # 3 rows (sample, pixel nn, feature nn)
+    assert grid.shape == (3 * 128 + 2, 2 * 128 + 1, 3)                 # 3 rows (sample, pixel nn, feature nn), x4
 
 
 def test_cli_memorization(tmp_path):

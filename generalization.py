@@ -65,10 +65,11 @@ Why grey 1-channel images: unet.UNet takes in_channels, evaluate.detect_circles 
     images, and the Jacobian is 1024 x 1024 instead of 3072 x 3072 (a third of the backward passes).
 
 Run (export OMP_WAIT_POLICY=PASSIVE first when other jobs share the CPU)
-    python generalization.py --quick    # N in {8, 2048}, 16-channel net, 800 steps: 35 min measured on
-                                        # 2 cores shared with 2-4 other jobs (1070 CPU-s; ~10 min alone, est.)
+    python generalization.py --quick    # N in {8, 2048}, 16-channel net, 800 steps: 7.0 min measured
+                                        # alone on 2 cores (815 CPU-s)
     python generalization.py            # N in {4, 16, 64, 256, 1024, 4096}, 32-channel net, 1500 steps:
-                                        # ~1.5 h alone on 2 cores (estimated from CPU time per step; not run)
+                                        # 2 h 06 min measured on 2 cores shared with 1-3 other jobs
+                                        # (8150 CPU-s = 68 min of two cores); the transition: N = 64 .. 256
     python generalization.py --quick --ns 8,64 --steps 300 --out runs/gen_try   # any field as a flag
 Finished models (and the checkpoints of unfinished ones) in --out are picked up again by a rerun
 with the same settings; --overwrite retrains. Outputs: report.md, results.json, config.json,

@@ -322,31 +322,54 @@ COPY_COSINE = 0.95  # a sample whose nearest training image has pixel cosine abo
 
 
 def image_vectors(images):
-    """uint8 (N, S, S, C) -> float64 (N, S*S*C) in [0, 1]. The black background is 0, so two discs
-    that do not overlap have cosine 0 (on [-1, 1] images the background alone makes it near 1)."""
-    return np.asarray(images, dtype=np.float64).reshape(len(images), -1) / 255.0
+    """uint8 (N, S, S, C) -> (N, S*S*C) uint8 view, no copy. nearest_neighbours(..., scale=1/255) turns
+    it into float64 in [0, 1] one block at a time, so 60k CelebA faces at 64x64 never exist as one
+    5.9 GB float64 matrix. On [0, 1] the black background is 0, so two discs that do not overlap have
+    cosine 0 (on [-1, 1] images the background alone makes it near 1)."""
+    images = np.asarray(images)
+    return images.reshape(len(images), -1)
 
 
-def nearest_neighbours(queries, refs, chunk=1024):
+def nearest_neighbours(queries, refs, chunk=1024, ref_chunk=4096, scale=1.0):
     """For each row q of queries (N, D), its nearest row r of refs (M, D) in Euclidean distance.
 
     Returns dict(index (N,) int64, distance (N,) = ||q - r||, cosine (N,) = q.r / (||q|| ||r||),
-    0 when either is the zero vector). ||q - r||^2 = ||q||^2 - 2 q.r + ||r||^2, chunked over N so
-    the (chunk, M) matrix of products stays small; float64 throughout."""
-    q, r = np.asarray(queries, dtype=np.float64), np.asarray(refs, dtype=np.float64)
+    0 when either is the zero vector), all computed on scale * rows in float64.
+    ||q - r||^2 = ||q||^2 - 2 q.r + ||r||^2 on (chunk, ref_chunk) blocks: refs (any dtype, e.g. uint8
+    pixels) are converted to float64 ref_chunk rows at a time and a running minimum is kept over the
+    blocks (strict <, so ties keep the first index, as one argmin over all of refs would), so memory is
+    O(N D + ref_chunk D) whatever M is."""
+    q = np.asarray(queries)
+    r = np.asarray(refs)
     if q.ndim != 2 or r.ndim != 2 or q.shape[1] != r.shape[1] or len(r) == 0:
         raise ValueError(f"nearest_neighbours wants (N, D) queries and (M >= 1, D) refs, got {q.shape} and {r.shape}")
-    r2 = (r * r).sum(axis=1)                                              # (M,)
-    index, distance, cosine = [np.zeros(len(q), dtype=t) for t in (np.int64, np.float64, np.float64)]
-    for start in range(0, len(q), chunk):
-        qc = q[start:start + chunk]                                       # (n, D)
-        q2, dot = (qc * qc).sum(axis=1), qc @ r.T                          # (n,), (n, M)
-        j = np.argmin(q2[:, None] - 2.0 * dot + r2[None, :], axis=1)     # (n,)
-        rows = np.arange(len(qc))
-        index[start:start + len(qc)] = j
-        distance[start:start + len(qc)] = np.linalg.norm(qc - r[j], axis=1)  # exact, not from the expansion
-        norms = np.sqrt(q2 * r2[j])
-        cosine[start:start + len(qc)] = np.where(norms > 0, dot[rows, j] / np.where(norms > 0, norms, 1.0), 0.0)
+    q = q.astype(np.float64)                                              # (N, D): the samples, few
+    q *= scale                                                            # in place: no second copy
+    q2 = np.einsum("ij,ij->i", q, q)                                      # (N,)
+    n = len(q)
+    best = np.full(n, np.inf)                                             # running min of ||q - r||^2
+    index, best_dot, best_r2 = np.zeros(n, dtype=np.int64), np.zeros(n), np.zeros(n)
+    buffer = np.empty((min(ref_chunk, len(r)), r.shape[1]))             # one float64 block, reused
+    for r_start in range(0, len(r), ref_chunk):
+        block = r[r_start:r_start + ref_chunk]
+        rb = buffer[:len(block)]                                          # (m, D)
+        np.multiply(block, scale, out=rb)                                 # uint8 -> float64, scaled
+        r2 = np.einsum("ij,ij->i", rb, rb)                                # (m,), no (m, D) temporary
+        for start in range(0, n, chunk):
+            sl = slice(start, start + chunk)
+            dot = np.dot(q[sl], rb.T)                                     # (n, m); `@` would copy rb.T
+            d2 = q2[sl, None] - 2.0 * dot + r2[None, :]
+            j = np.argmin(d2, axis=1)
+            rows = np.arange(len(j))
+            better = d2[rows, j] < best[sl]
+            best[sl] = np.where(better, d2[rows, j], best[sl])
+            index[sl] = np.where(better, r_start + j, index[sl])
+            best_dot[sl] = np.where(better, dot[rows, j], best_dot[sl])
+            best_r2[sl] = np.where(better, r2[j], best_r2[sl])
+    nearest = r[index].astype(np.float64) * scale                         # (N, D)
+    distance = np.linalg.norm(q - nearest, axis=1)                        # exact, not from the expansion
+    norms = np.sqrt(q2 * best_r2)
+    cosine = np.where(norms > 0, best_dot / np.where(norms > 0, norms, 1.0), 0.0)
     return dict(index=index, distance=distance, cosine=cosine)
 
 
@@ -373,7 +396,7 @@ def memorization(samples, train_images, train_centres=None, stats=None, features
     keeps.
     """
     n = len(samples)
-    pix = nearest_neighbours(image_vectors(samples), image_vectors(train_images))
+    pix = nearest_neighbours(image_vectors(samples), image_vectors(train_images), scale=1.0 / 255.0)
     near_copy = pix["cosine"] > copy_cosine
     out = dict(n=n, n_train=len(train_images), copy_cosine=copy_cosine, pixel_index=pix["index"],
                pixel_distance=pix["distance"], pixel_cosine=pix["cosine"], near_copy=near_copy,

@@ -221,6 +221,27 @@ def test_nearest_neighbours_against_a_direct_distance_matrix():
         ev.nearest_neighbours(q, r[:, :3])
 
 
+def test_nearest_neighbours_blocks_over_uint8_refs_like_one_float64_pass():
+    """The reference blocks (ref_chunk) and the per-block uint8 -> float64 conversion give the
+    same answer as a direct float64 distance matrix; a reference repeated in a later block loses the
+    tie to its first copy, as one argmin over all refs would."""
+    rng = np.random.default_rng(1)
+    q8, r8 = rng.integers(0, 256, size=(19, 12), dtype=np.uint8), rng.integers(0, 256, size=(41, 12), dtype=np.uint8)
+    r8[30] = r8[3]                                                    # same image in blocks 0 and 3
+    q8[0] = r8[3]                                                     # a query that is exactly that image
+    nn = ev.nearest_neighbours(q8, r8, chunk=4, ref_chunk=10, scale=1.0 / 255.0)
+    q, r = q8.astype(np.float64) / 255.0, r8.astype(np.float64) / 255.0
+    d = np.sqrt(((q[:, None, :] - r[None, :, :]) ** 2).sum(axis=2))
+    j = d.argmin(axis=1)
+    assert nn["index"][0] == 3 and j[0] == 3
+    assert np.array_equal(nn["index"], j)
+    assert np.allclose(nn["distance"], d[np.arange(19), j], rtol=0, atol=1e-12)
+    cos = (q * r[j]).sum(axis=1) / (np.linalg.norm(q, axis=1) * np.linalg.norm(r[j], axis=1))
+    assert np.allclose(nn["cosine"], cos, rtol=0, atol=1e-12) and nn["cosine"][0] == pytest.approx(1.0, abs=1e-12)
+    vec = ev.image_vectors(np.zeros((3, 4, 4, 3), dtype=np.uint8))
+    assert vec.shape == (3, 48) and vec.dtype == np.uint8              # a view: no float64 copy of the training set
+
+
 def test_memorization_copies_middle_circles_and_a_one_pixel_shift_by_hand(tmp_path):
     """32 x 32, radius 1: a disc is a 5-pixel plus. Training copies have cosine 1 and sit on a training
     centre; a disc deep in the middle band overlaps no training disc (cosine 0); a disc at x = 6, the

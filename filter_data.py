@@ -548,7 +548,7 @@ def classifier_stage(cfg, data, images, name, train_idx, score_idx, stream):
     path = os.path.join(cfg.out, "classifiers", f"{name}.pt")
     labels = data["labels"]
     identity = dict(name=name, width=cfg.width, size=cfg.size, steps=cfg.steps, batch=cfg.batch, lr=cfg.lr,
-                    seed=cfg.seed, stream=stream, train=_digest(data["paths"][train_idx], labels[train_idx]),
+                    precision=cfg.precision, seed=cfg.seed, stream=stream, train=_digest(data["paths"][train_idx], labels[train_idx]),
                     scored=_digest(data["paths"][score_idx]))
     if os.path.isfile(path):
         ckpt = ddpm.load_checkpoint(path, KIND)
@@ -598,7 +598,12 @@ def evaluation_stage(cfg, data, images, splits):
     every = np.flatnonzero(labels >= 0)
     ckpt = classifier_stage(cfg, data, images, "evaluation", splits["train"], every, stream=2)
     _, logits = _scores(ckpt, n)
-    if "calibration" not in ckpt:
+    # The temperature is fitted on val and measured on test: a saved one is reused only for the same
+    # val and test rows (moving images between val and test keeps the training set, hence the model).
+    held_out = dict(val=_digest(data["paths"][splits["val"]]), test=_digest(data["paths"][splits["test"]]))
+    if ckpt.get("calibration_splits") != held_out:
+        if "calibration" in ckpt:
+            print("[evaluation] the val or test rows changed: fitting the temperature again")
         if len(splits["val"]) == 0 or len(splits["test"]) == 0:
             _fail("temperature scaling needs validation images and the accuracy test images: the val or test split is empty")
         cal = calibrate(logits[splits["val"]], labels[splits["val"]])
@@ -607,7 +612,7 @@ def evaluation_stage(cfg, data, images, splits):
                    test_nll=nll(logits[splits["test"]], labels[splits["test"]], cal["temperature"]),
                    n_val=len(splits["val"]), n_test=len(splits["test"]))
         ckpt["model"]["temperature"] = torch.tensor(cal["temperature"], dtype=torch.float64)
-        ckpt["calibration"] = cal
+        ckpt["calibration"], ckpt["calibration_splits"] = cal, held_out
         ddpm.save_checkpoint(os.path.join(cfg.out, "classifiers", "evaluation.pt"), ckpt)
     cal = ckpt["calibration"]
     plot_reliability(logits[splits["val"]], labels[splits["val"]], cal["temperature"],

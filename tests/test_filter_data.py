@@ -384,6 +384,45 @@ def test_generic_csv_layout_end_to_end(tmp_path):
     assert fd.load_kept(str(tmp_path / "out"))["images"].shape[1:] == (32, 32, 3)                 # --size 32
 
 
+def test_swapped_val_test_rows_refit_the_temperature_and_precision_retrains(tmp_path, capsys):
+    """The classifiers depend on the training rows and the settings (precision included); the
+    temperature depends on the val rows too. Swapping val and test rows reuses every model but fits
+    the temperature again on the new val rows; --precision bf16 trains the models again."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(60):
+        label = i % 2
+        img = np.clip(rng.normal(60 + 140 * label, 40, (40, 40, 3)), 0, 255).astype(np.uint8)
+        cv2.imwrite(str(tmp_path / f"{i}.png"), img)
+        rows.append([f"{i}.png", "bright" if label else "dark", "train" if i < 40 else "val" if i < 50 else "test"])
+    write = lambda: (tmp_path / "data.csv").write_text("\n".join(",".join(r) for r in rows) + "\n")
+    write()
+    args = ["--data", "csv", "--csv", str(tmp_path / "data.csv"), "--out", str(tmp_path / "out"), "--steps", "20",
+            "--batch", "16", "--width", "8", "--lr", "3e-3", "--tau1", "0.6", "--tau2", "0.6", "--threads", "1", "--size", "32"]
+    fd.main(args)
+    capsys.readouterr()
+    for r in rows[40:60]:
+        r[2] = "test" if r[2] == "val" else "val"
+    write()
+    fd.main(args)
+    text = capsys.readouterr().out
+    assert text.count("finished earlier: reusing") == 7 and "training on" not in text
+    assert "fitting the temperature again" in text
+    model, ckpt = fd.load_attribute_classifier(str(tmp_path / "out" / "classifiers" / "evaluation.pt"))
+    data = fd.read_dataset(fd.parse_args(args))
+    val = np.flatnonzero(data["splits"] == 1)
+    assert [p.rsplit("/", 1)[-1] for p in data["paths"][val]] == [f"{i}.png" for i in range(50, 60)]
+    _, logits = fd._scores(ckpt, len(data["paths"]))
+    expected = fd.calibrate(logits[val], data["labels"][val])["temperature"]    # fitted on the new val rows
+    assert ckpt["calibration"]["temperature"] == pytest.approx(expected, rel=1e-9)
+    assert float(model.temperature) == pytest.approx(expected, rel=1e-9)
+    fd.main(args)
+    assert "fitting the temperature again" not in capsys.readouterr().out          # same rows: reused as is
+    fd.main(args + ["--precision", "bf16"])
+    text = capsys.readouterr().out
+    assert text.count("was made with other settings or data: retraining") == 7 and "finished earlier" not in text
+
+
 # ---------------------------------------------------------------- command line: bad inputs
 
 def small_set(tmp_path, n=20):

@@ -366,15 +366,22 @@ def test_resume_ranks_k_per_side_without_retraining(run, tmp_path, capsys):
     assert len(fd.load_kept(out)["labels"]) == 2 * 20 + 15 and len(fd.load_kept(out, oversample=False)["labels"]) == 35
 
 
+def write_two_class_csv(folder, rows=None, shape=(80, 100, 3), noise=20):
+    """60 images in folder, dark (even i) and bright (odd i), and data.csv `i.png,label,split` with
+    rows 0-39 train, 40-49 val, 50-59 test. Given rows (the list this returns), rewrites only the CSV."""
+    if rows is None:
+        rng = np.random.default_rng(0)
+        rows = []
+        for i in range(60):
+            img = np.clip(rng.normal(60 + 140 * (i % 2), noise, shape), 0, 255).astype(np.uint8)
+            cv2.imwrite(str(folder / f"{i}.png"), img)
+            rows.append([f"{i}.png", "bright" if i % 2 else "dark", "train" if i < 40 else "val" if i < 50 else "test"])
+    (folder / "data.csv").write_text("\n".join(",".join(r) for r in rows) + "\n")
+    return rows
+
+
 def test_generic_csv_layout_end_to_end(tmp_path):
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(60):
-        label = i % 2
-        img = np.clip(rng.normal(60 + 140 * label, 20, (80, 100, 3)), 0, 255).astype(np.uint8)
-        cv2.imwrite(str(tmp_path / f"{i}.png"), img)
-        rows.append(f"{i}.png,{'bright' if label else 'dark'},{'train' if i < 40 else 'val' if i < 50 else 'test'}")
-    (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
+    write_two_class_csv(tmp_path)
     counts = fd.main(["--data", "csv", "--csv", str(tmp_path / "data.csv"), "--out", str(tmp_path / "out"),
                       "--steps", "40", "--batch", "16", "--width", "8", "--lr", "3e-3", "--tau1", "0.6", "--tau2", "0.6",
                       "--threads", "1", "--size", "32"])
@@ -388,22 +395,14 @@ def test_swapped_val_test_rows_refit_the_temperature_and_precision_retrains(tmp_
     """The classifiers depend on the training rows and the settings (precision included); the
     temperature depends on the val rows too. Swapping val and test rows reuses every model but fits
     the temperature again on the new val rows; --precision bf16 trains the models again."""
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(60):
-        label = i % 2
-        img = np.clip(rng.normal(60 + 140 * label, 40, (40, 40, 3)), 0, 255).astype(np.uint8)
-        cv2.imwrite(str(tmp_path / f"{i}.png"), img)
-        rows.append([f"{i}.png", "bright" if label else "dark", "train" if i < 40 else "val" if i < 50 else "test"])
-    write = lambda: (tmp_path / "data.csv").write_text("\n".join(",".join(r) for r in rows) + "\n")
-    write()
+    rows = write_two_class_csv(tmp_path, shape=(40, 40, 3), noise=40)
     args = ["--data", "csv", "--csv", str(tmp_path / "data.csv"), "--out", str(tmp_path / "out"), "--steps", "20",
             "--batch", "16", "--width", "8", "--lr", "3e-3", "--tau1", "0.6", "--tau2", "0.6", "--threads", "1", "--size", "32"]
     fd.main(args)
     capsys.readouterr()
     for r in rows[40:60]:
         r[2] = "test" if r[2] == "val" else "val"
-    write()
+    write_two_class_csv(tmp_path, rows)
     fd.main(args)
     text = capsys.readouterr().out
     assert text.count("finished earlier: reusing") == 7 and "training on" not in text

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from benchmarks import bench_guidance, circles_targets
+from benchmarks import bench_guidance, bench_memorization, circles_targets
 
 from conftest import ENV, ROOT  # noqa: E402
 TINY_TRAIN = ["--unet", "tiny", "--clf", "tiny", "--image-size", "16", "--T", "100", "--steps", "10",
@@ -133,3 +133,22 @@ def test_circles_targets_pass_through_and_refusals(capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "error:" in err
+
+
+# ----------------------------------------------------------------------------------------------
+# bench_memorization.py: the App. H search at CelebA size stays within one float64 block
+# ----------------------------------------------------------------------------------------------
+
+def test_bench_memorization_small_run_and_its_memory_bound(tmp_path):
+    out = tmp_path / "memo.json"
+    r = run_script("bench_memorization.py", "--refs", "3000", "--queries", "16", "--size", "16", "--ref-chunk", "500",
+                   "--json", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads(out.read_text())
+    assert rec["matches_direct"] is True and positive_finite(rec["seconds"])
+    assert rec["float64_copy_mb"] == pytest.approx(3000 * 16 * 16 * 3 * 8 / 2 ** 20, abs=0.05)
+    block_mb = 500 * 16 * 16 * 3 * 8 / 2 ** 20                       # 2.9 MB; the refs' float64 copy: 17.6 MB
+    assert block_mb <= rec["added_mb"] < 2 * block_mb + 1.0            # one block (+ samples, products), not all refs
+    with pytest.raises(SystemExit) as e:
+        bench_memorization.parse_args(["--ref-chunk", "0"])
+    assert e.value.code == 2

@@ -330,6 +330,35 @@ class Diffusion:
         terms["loss"] = terms["mse"] + terms["vb"]
         return terms
 
+    @torch.no_grad()
+    def losses_by_timestep(self, model, x0, timesteps, seed=0, batch=256):
+        """The training loss resolved by noise level: for each chain index t of `timesteps`, the mean over
+        the images x0 (N, C, H, W) of training_losses' mse (L_simple) and vb, one fixed noise draw per
+        (t, image) from torch.Generator(seed) on x0's device (drawn for all N at once, so `batch` does
+        not change the numbers). Returns dict(t, mse, vb): lists as long as timesteps.
+
+        Why: the average loss that training logs weights every t alike, and a model can win it by
+        fitting the nearly clean images (small t) exactly while it is still poor at the middle noise
+        levels where a sample's shape is decided; this splits the average so that shows."""
+        out = dict(t=[], mse=[], vb=[])
+        for t in timesteps:
+            t = int(t)
+            if not 0 <= t < self.num_timesteps:
+                raise ValueError(f"timestep {t} is outside this diffusion's chain 0 .. {self.num_timesteps - 1}")
+            g = torch.Generator(device=x0.device).manual_seed(seed + t)
+            noise = torch.randn(x0.shape, generator=g, device=x0.device)
+            sums = dict(mse=0.0, vb=0.0)
+            for start in range(0, len(x0), batch):
+                xb = x0[start:start + batch]
+                tt = torch.full((len(xb),), t, dtype=torch.long, device=x0.device)
+                terms = self.training_losses(model, xb, tt, noise[start:start + batch])
+                for k in sums:
+                    sums[k] += float(terms[k].double().sum())
+            out["t"].append(t)
+            for k in sums:
+                out[k].append(sums[k] / len(x0))
+        return out
+
     def prior_bpd(self, x0):
         """L_T of Eq. 9 in bits/dim: KL(q(x_T | x_0) || N(0, I)); no parameters, ~0 for a good schedule."""
         t = torch.full((x0.shape[0],), self.num_timesteps - 1, dtype=torch.long, device=x0.device)

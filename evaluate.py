@@ -31,6 +31,11 @@ and in the guidance classifier's features (CLIP weights cannot be downloaded off
 near-copies (pixel cosine > COPY_COSINE) and, on circles, where a copy is exact and checkable, the
 samples whose circle centre lies on a training centre; save_memorization_grid draws the pairs.
 
+Where a DDPM is weak (a diagnostic, not a paper metric): `loss-by-t` splits a checkpoint's training
+loss by noise level (ddpm.Diffusion.losses_by_timestep) on its training images, for one or several
+checkpoints in one plot; the DiT of App. J beats the U-Net's average loss while it is still worse
+at the middle noise levels that decide a sample's shape.
+
 Faces (Sections 5.1-5.4): the score of a sample is the calibrated p(class 1) of the evaluation
 classifier that filter_data.py trains; `classify` computes it for generated samples and then does
 what `scores` does.
@@ -40,6 +45,7 @@ Run:  python evaluate.py circles --samples out/samples.npz --out out/eval
       python evaluate.py classify --samples out/samples.npz --classifier runs/smiling/classifiers/evaluation.pt --out out/eval
       python evaluate.py memorization --samples runs/circles/samples/guided_run0.npz --train circles \
           --classifier runs/circles/classifier0.pt --out out/memo
+      python evaluate.py loss-by-t --ddpm runs/circles/ddpm.pt runs/circles_dit/ddpm.pt --train circles --out out/loss
 """
 import argparse
 import io
@@ -55,6 +61,7 @@ from matplotlib.patches import Rectangle
 import classifier
 import ddpm
 import filter_data
+import multiguide
 from toy_circles import (MIDDLE_BAND, default_radius, draw_disc, grid_positions, make_circles, normalized_x,
                          save_figure, save_grid, to_tensor, write_bytes_atomically, write_json)
 
@@ -580,16 +587,9 @@ def run_scores(args):
 def run_memorization(args):
     samples = _load_samples(args.samples)
     size = samples.shape[1]
-    if args.train in ("circles", "corners"):  # the toy training set, rebuilt exactly (toy_circles.make_circles)
-        try:
-            data = make_circles(size, "train" if args.train == "circles" else "corners")
-        except ValueError as err:
-            _fail(f"--train {args.train}: {err}")
-        train_images, centres = data["images"], data["centres"]
-    else:
-        train_images, centres = _load_samples(args.train, "--train"), None
-        if train_images.shape[1:] != samples.shape[1:]:
-            _fail(f"--train {args.train}: images are {train_images.shape[1:]}, the samples {samples.shape[1:]}")
+    train_images, centres = _training_images(args.train, size)
+    if centres is None and train_images.shape[1:] != samples.shape[1:]:
+        _fail(f"--train {args.train}: images are {train_images.shape[1:]}, the samples {samples.shape[1:]}")
     features = None
     if args.classifier:
         try:
@@ -611,6 +611,89 @@ def run_memorization(args):
         print(f"circle centre on a training centre: {m['on_training_centre_fraction']:.1%} of all samples; "
               f"{m['middle_on_training_centre']} of the {m['n_middle']} middle-band samples")
     print(f"wrote {args.out}/memorization.json, memorization_pairs.png")
+
+
+# fractions of T for loss-by-t's default noise levels: dense near t = 0, where the loss changes fastest
+LOSS_T_FRACTIONS = (0.0, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.7, 0.95)
+
+
+def _training_images(name, size, flag="--train"):
+    """uint8 (N, S, S, 3) training images: 'circles' / 'corners' rebuilt at `size`, or an .npz with key 'images'.
+    Returns (images, centres or None)."""
+    if name in ("circles", "corners"):  # the toy training set, rebuilt exactly (toy_circles.make_circles)
+        try:
+            data = make_circles(size, "train" if name == "circles" else "corners")
+        except ValueError as err:
+            _fail(f"{flag} {name}: {err}")
+        return data["images"], data["centres"]
+    return _load_samples(name, flag), None
+
+
+def plot_loss_by_t(rows, path, title):
+    """PNG: eps MSE against t + 1 (both log scales), one line per checkpoint."""
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    for r in rows:
+        ax.plot(np.asarray(r["t"]) + 1, r["mse"], marker="o", ms=3, label=r["label"])
+    ax.set(xscale="log", yscale="log", xlabel="chain index t + 1 (log)", ylabel="mean ||eps - eps_theta||^2 / D",
+           title=title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def run_loss_by_t(args):
+    rows, images = [], None
+    for path in args.ddpm:
+        try:
+            model, d, _ = multiguide.load_models(path, device=args.device)
+        except ddpm.CheckpointError as err:
+            _fail(f"--ddpm: {err}")
+        size = model.config["image_size"]
+        if images is None:
+            images, _ = _training_images(args.train, size)
+            if images.shape[1] != size:
+                _fail(f"--train {args.train}: images are {images.shape[1]} pixels, the DDPM {path} is {size}")
+            pick = np.random.default_rng(args.seed).permutation(len(images))[:args.n] if args.n else np.arange(len(images))
+            x0 = to_tensor(images[np.sort(pick)]).to(args.device)
+        elif x0.shape[-1] != size:
+            _fail(f"--ddpm {path}: {size}-pixel images, the first checkpoint's are {x0.shape[-1]}")
+        diffusion = ddpm.diffusion_from_config(d)
+        T = diffusion.num_timesteps
+        ts = args.t if args.t else sorted({min(T - 1, round(f * T)) for f in LOSS_T_FRACTIONS})
+        try:
+            r = diffusion.losses_by_timestep(model, x0, ts, seed=args.seed)
+        except ValueError as err:
+            _fail(f"--t: {err} ({path})")
+        ck = ddpm.load_checkpoint(path, "ddpm")
+        step = ck.get("step")
+        backbone = ck.get("backbone", "unet")
+        r.update(path=path, backbone=backbone, step=step, T=T, label=f"{backbone} step {step} ({path})")
+        rows.append(r)
+        print(f"{r['label']}: " + ", ".join(f"t {t}: {m:.4f}" for t, m in zip(r["t"], r["mse"])))
+    write_json(dict(train=args.train, n=int(len(x0)), seed=args.seed, checkpoints=rows),
+               os.path.join(args.out, "loss_by_t.json"))
+    plot_loss_by_t(rows, os.path.join(args.out, "loss_by_t.png"),
+                   f"eps MSE by noise level, {len(x0)} training images ({args.train})")
+    print(f"wrote {args.out}/loss_by_t.json, loss_by_t.png")
+
+
+def _nonnegative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
+def _nonnegative_ints(text):
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated chain indices, got {text!r}") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated chain indices >= 0, got {text!r}")
+    return values
 
 
 def _positive_int(text):
@@ -648,6 +731,17 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="output folder: memorization.json, memorization_pairs.png")
     p.add_argument("--pairs", type=_positive_int, default=8, help="sample / neighbour pairs in the PNG")
     p.set_defaults(run=run_memorization)
+    p = sub.add_parser("loss-by-t", help="a DDPM's training loss split by noise level t (diagnostic)")
+    p.add_argument("--ddpm", required=True, nargs="+", help="one or more ddpm.pt checkpoints (one line each)")
+    p.add_argument("--train", required=True,
+                   help="the images: 'circles' or 'corners' (rebuilt at the DDPM's size) or an .npz with key 'images'")
+    p.add_argument("--t", type=_nonnegative_ints, default=None,
+                   help="chain indices, e.g. 0,10,100,500 (default: 11 levels from 0 to 0.95 T)")
+    p.add_argument("--n", type=_nonnegative_int, default=256, help="images drawn (seeded) from --train; 0 = all")
+    p.add_argument("--seed", type=int, default=0, help="fixes the image subset and the noise of each t")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--out", required=True, help="output folder: loss_by_t.json, loss_by_t.png")
+    p.set_defaults(run=run_loss_by_t)
     args = parser.parse_args(argv)
     args.run(args)
 

@@ -382,3 +382,31 @@ def test_cli_prints_facts():
     assert r.returncode == 0 and "beta_1 = 9.86582e-06" in r.stdout and "3984" in r.stdout
     r = subprocess.run([sys.executable, ddpm.__file__, "--respace", "ddim999"], capture_output=True, text=True)
     assert r.returncode == 2 and "--respace" in r.stderr and "Traceback" not in r.stderr
+
+
+# --- the loss resolved by noise level (a diagnostic) ------------------------------------------
+
+def test_losses_by_timestep_against_training_losses_and_an_exact_model():
+    """Each t's numbers are training_losses averaged with the noise of Generator(seed + t); batching does
+    not change them; a model that returns the exact noise of each x_t has mse 0; t >= T is refused."""
+    d = Diffusion(get_betas("cosine", 100), learn_sigma=True)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(5, 3, 4, 4, generator=g) * 2 - 1
+    w = torch.randn(6, 3, 1, 1, generator=g) * 0.3
+    net = lambda x, t: torch.tanh((w[None] * x.repeat(1, 2, 1, 1)[:, :, None]).sum(2) + t[:, None, None, None] / 100.0)  # noqa: E731
+    ts = [0, 7, 50, 99]
+    got = d.losses_by_timestep(net, x0, ts, seed=3, batch=2)
+    assert got["t"] == ts and got == d.losses_by_timestep(net, x0, ts, seed=3, batch=5)
+    for k, t in enumerate(ts):
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3 + t))
+        terms = d.training_losses(net, x0, torch.full((5,), t), noise)
+        assert got["mse"][k] == pytest.approx(float(terms["mse"].double().mean()), rel=1e-6)
+        assert got["vb"][k] == pytest.approx(float(terms["vb"].double().mean()), rel=1e-6)
+
+    def exact(x, t):  # eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar), and v = 0
+        a = torch.as_tensor(d.alphas_cumprod, dtype=torch.float64)[t][:, None, None, None]
+        eps = (x.double() - a.sqrt() * x0.double()) / (1 - a).sqrt()
+        return torch.cat([eps.float(), torch.zeros_like(x)], dim=1)
+    assert max(d.losses_by_timestep(exact, x0, [10, 50, 99], batch=5)["mse"]) < 1e-9
+    with pytest.raises(ValueError, match="outside this diffusion's chain 0 .. 99"):
+        d.losses_by_timestep(net, x0, [100])

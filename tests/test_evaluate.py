@@ -320,3 +320,41 @@ def test_cli_memorization(tmp_path):
     _expect_one_line_error(["memorization", "--samples", str(tmp_path / "s.npz"), "--train", "circles",
                             "--classifier", str(tmp_path / "no.pt"), "--out", str(tmp_path / "m2")], "--classifier")
     assert not (tmp_path / "m2").exists()
+
+
+# ---------------------------------------------------------------- loss-by-t (a diagnostic)
+
+def test_cli_loss_by_t_recomputes_and_refuses_bad_input(tmp_path):
+    import torch
+    import ddpm
+    import unet
+    torch.manual_seed(0)
+    net = unet.build_unet("tiny")
+    diffusion = dict(schedule="cosine", T=100, learn_sigma=True, loss="hybrid", respacing="")
+    ckpt = str(tmp_path / "ddpm.pt")
+    ddpm.save_checkpoint(ckpt, dict(kind="ddpm", backbone="unet", model_config=net.config, diffusion=diffusion,
+                                    step=7, model=net.state_dict(), ema=net.state_dict()))
+    out = str(tmp_path / "loss")
+    ev.main(["loss-by-t", "--ddpm", ckpt, ckpt, "--train", "circles", "--n", "20", "--seed", "1", "--out", out])
+    rec = json.loads(open(os.path.join(out, "loss_by_t.json")).read())
+    assert rec["n"] == 20 and len(rec["checkpoints"]) == 2 and rec["checkpoints"][0]["step"] == 7
+    row = rec["checkpoints"][0]
+    assert row["t"] == [0, 1, 2, 5, 10, 20, 40, 70, 95]                  # LOSS_T_FRACTIONS of T = 100, deduplicated
+    assert rec["checkpoints"][1]["mse"] == row["mse"]                     # same images, same noise
+    images = tc.make_circles(16, "train")["images"]                       # the tiny U-Net is 16 x 16
+    pick = np.sort(np.random.default_rng(1).permutation(len(images))[:20])
+    net.eval()
+    direct = ddpm.diffusion_from_config(diffusion).losses_by_timestep(net, tc.to_tensor(images[pick]), row["t"], seed=1)
+    assert np.allclose(row["mse"], direct["mse"], rtol=1e-6) and np.allclose(row["vb"], direct["vb"], rtol=1e-6)
+    assert open(os.path.join(out, "loss_by_t.png"), "rb").read(4) == b"\x89PNG"
+    bad = str(tmp_path / "bad")
+    _expect_one_line_error(["loss-by-t", "--ddpm", ckpt, "--train", "circles", "--t", "5,100", "--out", bad],
+                           "--t", "outside this diffusion's chain 0 .. 99")
+    _expect_one_line_error(["loss-by-t", "--ddpm", str(tmp_path / "none.pt"), "--train", "circles", "--out", bad],
+                           "--ddpm", "none.pt")
+    np.savez(tmp_path / "big.npz", images=np.zeros((2, 32, 32, 3), np.uint8))
+    _expect_one_line_error(["loss-by-t", "--ddpm", ckpt, "--train", str(tmp_path / "big.npz"), "--out", bad],
+                           "--train", "32 pixels", "16")
+    assert not os.path.exists(bad)
+    res = _run("loss-by-t", "--ddpm", ckpt, "--train", "circles", "--t", "-3", "--out", bad)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "--t" in res.stderr

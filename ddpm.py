@@ -334,8 +334,8 @@ class Diffusion:
     def losses_by_timestep(self, model, x0, timesteps, seed=0, batch=256):
         """The training loss resolved by noise level: for each chain index t of `timesteps`, the mean over
         the images x0 (N, C, H, W) of training_losses' mse (L_simple) and vb, one fixed noise draw per
-        (t, image) from torch.Generator(seed) on x0's device (drawn for all N at once, so `batch` does
-        not change the numbers). Returns dict(t, mse, vb): lists as long as timesteps.
+        (t, image) from torch.Generator(seed + t) on x0's device (drawn for all N at once, so `batch`
+        does not change the numbers). Returns dict(t, mse, vb): lists as long as timesteps.
 
         Why: the average loss that training logs weights every t alike, and a model can win it by
         fitting the nearly clean images (small t) exactly while it is still poor at the middle noise

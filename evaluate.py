@@ -368,8 +368,9 @@ def nearest_neighbours(queries, refs, chunk=1024, ref_chunk=4096, scale=1.0):
             d2 = q2[sl, None] - 2.0 * dot + r2[None, :]
             j = np.argmin(d2, axis=1)
             rows = np.arange(len(j))
-            better = d2[rows, j] < best[sl]
-            best[sl] = np.where(better, d2[rows, j], best[sl])
+            dj = d2[rows, j]                                              # this block's minimum per query
+            better = dj < best[sl]
+            best[sl] = np.where(better, dj, best[sl])
             index[sl] = np.where(better, r_start + j, index[sl])
             best_dot[sl] = np.where(better, dot[rows, j], best_dot[sl])
             best_r2[sl] = np.where(better, r2[j], best_r2[sl])
@@ -679,13 +680,6 @@ def run_loss_by_t(args):
     print(f"wrote {args.out}/loss_by_t.json, loss_by_t.png")
 
 
-def _nonnegative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
-    return value
-
-
 def _nonnegative_ints(text):
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -696,11 +690,18 @@ def _nonnegative_ints(text):
     return values
 
 
-def _positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
+def _int_at_least(minimum):
+    """An argparse type: an integer >= minimum, else a one-line error."""
+    def parse(text):
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text}")
+        return value
+    parse.__name__ = f"integer >= {minimum}"  # argparse names it in "invalid ... value: 'x'"
+    return parse
+
+
+_positive_int, _nonnegative_int = _int_at_least(1), _int_at_least(0)
 
 
 def main(argv=None):

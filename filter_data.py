@@ -548,8 +548,8 @@ def classifier_stage(cfg, data, images, name, train_idx, score_idx, stream):
     path = os.path.join(cfg.out, "classifiers", f"{name}.pt")
     labels = data["labels"]
     identity = dict(name=name, width=cfg.width, size=cfg.size, steps=cfg.steps, batch=cfg.batch, lr=cfg.lr,
-                    precision=cfg.precision, seed=cfg.seed, stream=stream, train=_digest(data["paths"][train_idx], labels[train_idx]),
-                    scored=_digest(data["paths"][score_idx]))
+                    precision=cfg.precision, seed=cfg.seed, stream=stream,
+                    train=_digest(data["paths"][train_idx], labels[train_idx]), scored=_digest(data["paths"][score_idx]))
     if os.path.isfile(path):
         ckpt = ddpm.load_checkpoint(path, KIND)
         if ckpt.get("identity") == identity:

@@ -30,12 +30,10 @@ Run
         -> heatmap_t0.png (Fig. 7b) and heatmap_t0.json (mean p over the middle band, transition width)
     python classifier.py --help
 """
-import argparse
 import io
 import json
 import math
 import os
-import sys
 
 import numpy as np
 import torch
@@ -45,6 +43,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 import ddpm
+import plumbing
 import toy_circles
 import unet
 
@@ -137,7 +136,7 @@ class NoisyClassifier(nn.Module):
 
 
 def apply_spectral_norm(model, n_power_iterations=2):
-    """Sec. 5.5: spectral normalization of every Conv2d and Linear (PAPER_FACTS: 2 power iterations).
+    """Sec. 5.5: spectral normalization of every Conv2d and Linear (the released config: 2 power iterations).
 
     PyTorch's parametrization replaces W by W / sigma, sigma = u^T W_mat v estimated by power
     iteration on W_mat = W reshaped to (out_channels, -1) (for a conv that bounds the reshaped kernel
@@ -265,7 +264,7 @@ def heatmap(model, diffusion, size, t=0, noise_draws=4, seed=0, batch=256):
     was_training = model.training
     model.eval()
     data = toy_circles.make_circles(size, "all")
-    x0 = toy_circles.to_tensor(data["images"])                     # (N, 3, S, S) in [-1, 1]
+    x0 = plumbing.to_tensor(data["images"])                     # (N, 3, S, S) in [-1, 1]
     g = torch.Generator().manual_seed(seed)
     p = torch.zeros(len(x0), dtype=torch.float64)
     for _ in range(noise_draws):
@@ -326,7 +325,7 @@ def plot_heatmap(xs, ys, p, size, path, title):
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize=8)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    toy_circles.write_bytes_atomically(path, buf.getvalue())
+    plumbing.write_bytes_atomically(path, buf.getvalue())
     return heatmap_summary(xs, p, size)
 
 
@@ -337,22 +336,22 @@ def plot_heatmap(xs, ys, p, size, path, title):
 def load_classifier(path, device="cpu", use_ema=True):
     """(classifier in eval mode, its checkpoint dict) from a self-describing "classifier" checkpoint.
 
-    The EMA weights are used when present and use_ema is set. Refuses (ddpm.CheckpointError, one
+    The EMA weights are used when present and use_ema is set. Refuses (plumbing.CheckpointError, one
     line) a checkpoint whose config or weights do not build a NoisyClassifier.
     """
-    ckpt = ddpm.load_checkpoint(path, "classifier")
+    ckpt = plumbing.load_checkpoint(path, "classifier")
     try:
         model = NoisyClassifier(**ckpt["model_config"])
         weights = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
         model.load_state_dict(weights)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ddpm.CheckpointError(f"checkpoint {path} does not rebuild a NoisyClassifier: {reason}") from None
+        raise plumbing.CheckpointError(f"checkpoint {path} does not rebuild a NoisyClassifier: {reason}") from None
     return model.to(device).eval(), ckpt
 
 
 def main(argv=None):
-    parser = ddpm.OneLineParser(description="Heatmap of a guidance classifier over circle centres (paper Fig. 7b).")
+    parser = plumbing.OneLineParser(description="Heatmap of a guidance classifier over circle centres (paper Fig. 7b).")
     parser.add_argument("--ckpt", required=True, help="classifier checkpoint (kind 'classifier')")
     parser.add_argument("--out", required=True, help="output folder (created)")
     parser.add_argument("--t", type=int, default=0, help="chain step of the checkpoint's diffusion (0 = nearly clean)")
@@ -379,11 +378,11 @@ def main(argv=None):
     summary = plot_heatmap(xs, ys, p, size, png, f"p(right), chain step t = {args.t} (model step {t_model})")
     record = dict(ckpt=os.path.abspath(args.ckpt), t=args.t, model_t=t_model, draws=args.draws, seed=args.seed,
                   size=size, **summary, xs=xs.tolist(), ys=ys.tolist(), p_right=p.tolist())
-    toy_circles.write_bytes_atomically(os.path.join(args.out, f"heatmap_t{args.t}.json"),
+    plumbing.write_bytes_atomically(os.path.join(args.out, f"heatmap_t{args.t}.json"),
                                        (json.dumps(record) + "\n").encode())
     print(f"mean p(right) over the middle band {summary['middle_mean_p']:.3f}, "
           f"transition width {summary['transition_width']} columns; wrote {png}")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    plumbing.guard(main)

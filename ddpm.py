@@ -6,7 +6,7 @@ What this file is
     optional guidance gradient, deterministic-or-not DDIM). Everything the paper uses from
     Nichol & Dhariwal (2021) lives here; the network is any callable ``model(x, t)``.
 
-Where it is in the paper (../shared/papers/zero_shot_interpolation_ddpm_icml2024.txt)
+Where it is in the paper (Deschenaux et al., ICML 2024)
     App. A.1 Eq. 4      q(x_t | x_0): x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps      -> q_sample
     App. A.2 Eq. 5, 6   posterior q(x_{t-1} | x_t, x_0) = N(mu~, beta~)                   -> q_posterior
     App. A.2 Eq. 7      mean from the predicted noise eps_theta                            -> p_mean_variance
@@ -30,13 +30,14 @@ Conventions
 Run it
     python ddpm.py --schedule cosine --T 4000 --respace 250     # prints the schedule's key numbers
 """
-import argparse
 import math
 import os
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+import plumbing
 
 
 # ----------------------------------------------------------------------------------------------
@@ -492,46 +493,6 @@ def diffusion_from_config(d, respacing=None):
     return Diffusion(get_betas(d["schedule"], d["T"]), learn_sigma=d["learn_sigma"], loss=d["loss"], timesteps=kept)
 
 
-def save_checkpoint(path, obj):
-    """torch.save through a temporary file and os.replace: a crash never leaves half a checkpoint."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse for every zsi command line: a bad flag costs one line (the error), not the usage block."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-class CheckpointError(SystemExit):
-    """A checkpoint that is missing, unreadable or of the wrong kind: exits with its one-line message."""
-
-
-def load_checkpoint(path, kind=None):
-    """Load a zsi checkpoint (a dict with at least "kind"); refuse missing, truncated or wrong-kind files.
-
-    Every zsi checkpoint holds: kind ("ddpm" or "classifier"), model_config (rebuilds the network
-    with its class's constructor), the weights ("model", and "ema" when trained with EMA), and for
-    training checkpoints the optimizer, scaler, step, log and the run's configuration.
-    """
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated, or not a torch file at all
-        raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}); it may be truncated") from None
-    if not isinstance(ckpt, dict) or "kind" not in ckpt:
-        raise CheckpointError(f"checkpoint {path} is not a zsi checkpoint (no 'kind' entry)")
-    if kind is not None and ckpt["kind"] != kind:
-        raise CheckpointError(f"checkpoint {path} holds a {ckpt['kind']!r} model, expected a {kind!r}")
-    return ckpt
-
-
 def forward_demo(path, T=1000, size=32, radius=6.0, seed=0):
     """A picture of the forward process: x_t of one white disc for several t under both schedules
     (the same eps for every panel, Eq. 4), and abar_t against t / T for both schedules (Eq. 10).
@@ -568,7 +529,7 @@ def forward_demo(path, T=1000, size=32, radius=6.0, seed=0):
 
 
 def main():
-    parser = OneLineParser(description="Print the key numbers of a diffusion schedule.")
+    parser = plumbing.OneLineParser(description="Print the key numbers of a diffusion schedule.")
     parser.add_argument("--schedule", choices=["cosine", "linear"], default="cosine")
     parser.add_argument("--T", type=int, default=4000, help="number of diffusion steps")
     parser.add_argument("--respace", default="250", help="kept steps: '250', '10,15,20' or 'ddim50'")
@@ -598,4 +559,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    plumbing.guard(main)

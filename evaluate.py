@@ -62,8 +62,9 @@ import classifier
 import ddpm
 import filter_data
 import multiguide
-from toy_circles import (MIDDLE_BAND, default_radius, draw_disc, grid_positions, make_circles, normalized_x,
-                         save_figure, save_grid, to_tensor, write_bytes_atomically, write_json)
+import plumbing
+from plumbing import save_figure, save_grid, to_tensor, write_bytes_atomically, write_json
+from toy_circles import MIDDLE_BAND, default_radius, draw_disc, grid_positions, make_circles, normalized_x
 
 
 # ----------------------------------------------------------------------------------------------
@@ -439,6 +440,23 @@ def memorization_summary(m):
     return {k: v for k, v in m.items() if not isinstance(v, np.ndarray)}
 
 
+MEMO_SAMPLES = 1024  # App. H: samples checked against every training image (the cost grows with N x M)
+
+
+def memorization_check(samples, train, clf, stats, grid_path):
+    """App. H for a run: the nearest training image of each of the first MEMO_SAMPLES guided samples, in
+    pixel space and in the guidance classifier's features (CLIP is not available offline), the near-copy
+    fraction and, for circles (train["centres"] and circle_stats `stats` given), the samples whose centre
+    lies on a training centre. Writes the pairs grid to grid_path (middle-band samples first); returns
+    the summary that results.json keeps."""
+    samples = samples[:MEMO_SAMPLES]
+    stats = {k: (v[:MEMO_SAMPLES] if isinstance(v, np.ndarray) else v) for k, v in stats.items()} if stats else None
+    features = (classifier_features(clf, samples), classifier_features(clf, train["images"]))
+    m = memorization(samples, train["images"], train.get("centres") if stats else None, stats, features)
+    save_memorization_grid(samples, train["images"], m, grid_path)
+    return memorization_summary(m)
+
+
 def save_memorization_grid(samples, train_images, m, path, pairs=8):
     """PNG of sample / nearest training image pairs (Figs. S15-S18): row 1 samples, row 2 their nearest
     training image in pixel space, row 3 (when m has feature_index) their nearest in feature space.
@@ -469,7 +487,7 @@ def run_classify(args):
     images = _load_samples(args.samples)
     try:
         scores = classifier_scores(images, args.classifier, args.device)
-    except ddpm.CheckpointError as err:
+    except plumbing.CheckpointError as err:
         _fail(f"--classifier: {err}")
     except ValueError as err:
         _fail(f"--samples {args.samples}: {err}")
@@ -595,7 +613,7 @@ def run_memorization(args):
     if args.classifier:
         try:
             model, _ = classifier.load_classifier(args.classifier)
-        except ddpm.CheckpointError as err:
+        except plumbing.CheckpointError as err:
             _fail(f"--classifier: {err}")
         if model.config["image_size"] != size:
             _fail(f"--classifier {args.classifier}: trained on {model.config['image_size']}-pixel images, "
@@ -649,14 +667,14 @@ def run_loss_by_t(args):
     for path in args.ddpm:
         try:
             model, d, _ = multiguide.load_models(path, device=args.device)
-        except ddpm.CheckpointError as err:
+        except plumbing.CheckpointError as err:
             _fail(f"--ddpm: {err}")
         size = model.config["image_size"]
         if images is None:
             images, _ = _training_images(args.train, size)
             if images.shape[1] != size:
                 _fail(f"--train {args.train}: images are {images.shape[1]} pixels, the DDPM {path} is {size}")
-            pick = np.random.default_rng(args.seed).permutation(len(images))[:args.n] if args.n else np.arange(len(images))
+            pick = np.random.default_rng(args.seed).permutation(len(images))[:args.n_images] if args.n_images else np.arange(len(images))
             x0 = to_tensor(images[np.sort(pick)]).to(args.device)
         elif x0.shape[-1] != size:
             _fail(f"--ddpm {path}: {size}-pixel images, the first checkpoint's are {x0.shape[-1]}")
@@ -667,7 +685,7 @@ def run_loss_by_t(args):
             r = diffusion.losses_by_timestep(model, x0, ts, seed=args.seed)
         except ValueError as err:
             _fail(f"--t: {err} ({path})")
-        ck = ddpm.load_checkpoint(path, "ddpm")
+        ck = plumbing.load_checkpoint(path, "ddpm")
         step = ck.get("step")
         backbone = ck.get("backbone", "unet")
         r.update(path=path, backbone=backbone, step=step, T=T, label=f"{backbone} step {step} ({path})")
@@ -704,48 +722,59 @@ def _int_at_least(minimum):
 _positive_int, _nonnegative_int = _int_at_least(1), _int_at_least(0)
 
 
+# What each subcommand writes into --out: an earlier run's files are not replaced without --overwrite.
+OUTPUTS = {"circles": ["stats.json", "circles.csv", "centre_hist.png"], "scores": ["metrics.json", "score_hist.png"],
+           "classify": ["scores.npy", "metrics.json", "score_hist.png"],
+           "memorization": ["memorization.json", "memorization_pairs.png"], "loss-by-t": ["loss_by_t.json", "loss_by_t.png"]}
+
+
 def main(argv=None):
-    parser = ddpm.OneLineParser(description="Measure interpolation: circle accuracy, histograms vs uniform, memorization.")
+    parser = plumbing.OneLineParser(description="Measure interpolation: circle accuracy, histograms vs uniform, memorization.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("circles", help="detect circles in generated samples (Section 5.5)")
     p.add_argument("--samples", required=True, help=".npz with key 'images', uint8 (N, S, S, 3)")
-    p.add_argument("--out", required=True, help="output folder: stats.json, circles.csv, centre_hist.png")
     p.add_argument("--threshold", type=int, default=127, help="grey level above which a pixel is white")
     p.set_defaults(run=run_circles)
     p = sub.add_parser("scores", help="histogram of scores in [0, 1] against uniform (Table 1, App. B)")
     p.add_argument("--scores", required=True, help=".npy (1-D) or one-column .csv of scores in [0, 1]")
-    p.add_argument("--out", required=True, help="output folder: metrics.json, score_hist.png")
     p.add_argument("--bins", type=_positive_int, default=100, help="histogram bins (the paper: 100)")
     p.set_defaults(run=run_scores)
     p = sub.add_parser("classify", help="score samples with a filter_data.py evaluation classifier, then as `scores`")
     p.add_argument("--samples", required=True, help=".npz with key 'images', uint8 (N, S, S, 3)")
     p.add_argument("--classifier", required=True, help="checkpoint, e.g. runs/smiling/classifiers/evaluation.pt")
-    p.add_argument("--out", required=True, help="output folder: scores.npy, metrics.json, score_hist.png")
     p.add_argument("--bins", type=_positive_int, default=100, help="histogram bins (the paper: 100)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    plumbing.add_flags(p, "device", "threads")
     p.set_defaults(run=run_classify)
     p = sub.add_parser("memorization", help="nearest training images of the samples, near-copy fraction (App. H)")
     p.add_argument("--samples", required=True, help=".npz with key 'images', uint8 (N, S, S, 3)")
     p.add_argument("--train", required=True,
                    help="the training set: 'circles' or 'corners' (rebuilt at the samples' size) or an .npz with key 'images'")
     p.add_argument("--classifier", default="", help="noisy classifier checkpoint: also nearest neighbours in its features")
-    p.add_argument("--out", required=True, help="output folder: memorization.json, memorization_pairs.png")
     p.add_argument("--pairs", type=_positive_int, default=8, help="sample / neighbour pairs in the PNG")
+    plumbing.add_flags(p, "threads")
     p.set_defaults(run=run_memorization)
-    p = sub.add_parser("loss-by-t", help="a DDPM's training loss split by noise level t (diagnostic)")
+    p = sub.add_parser("loss-by-t", renamed={"--n": "--n-images"},
+                       help="a DDPM's training loss split by noise level t (diagnostic)")
     p.add_argument("--ddpm", required=True, nargs="+", help="one or more ddpm.pt checkpoints (one line each)")
     p.add_argument("--train", required=True,
                    help="the images: 'circles' or 'corners' (rebuilt at the DDPM's size) or an .npz with key 'images'")
     p.add_argument("--t", type=_nonnegative_ints, default=None,
                    help="chain indices, e.g. 0,10,100,500 (default: 11 levels from 0 to 0.95 T)")
-    p.add_argument("--n", type=_nonnegative_int, default=256, help="images drawn (seeded) from --train; 0 = all")
-    p.add_argument("--seed", type=int, default=0, help="fixes the image subset and the noise of each t")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    p.add_argument("--out", required=True, help="output folder: loss_by_t.json, loss_by_t.png")
+    p.add_argument("--n-images", type=_nonnegative_int, default=256, help="images drawn (seeded) from --train; 0 = all")
+    plumbing.add_flags(p, "seed", "device", "threads")
     p.set_defaults(run=run_loss_by_t)
+    for p in sub.choices.values():
+        plumbing.add_flags(p, "out", "overwrite")
     args = parser.parse_args(argv)
-    args.run(args)
+    plumbing.check_out_folder(args.out)
+    if hasattr(args, "device"):
+        args.device = str(plumbing.check_device(args.device))
+    if hasattr(args, "threads"):
+        plumbing.set_threads(args.threads)
+    plumbing.refuse_overwrite(args.out, OUTPUTS[args.command], args.overwrite)
+    with plumbing.RunLock(args.out):
+        args.run(args)
 
 
 if __name__ == "__main__":
-    main()
+    plumbing.guard(main)

@@ -73,7 +73,6 @@ import io
 import json
 import math
 import os
-import time
 
 import cv2
 import numpy as np
@@ -84,9 +83,8 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 import classifier
-import ddpm
-import toy_circles
-import unet
+import fit
+import plumbing
 
 KIND = "attribute_classifier"       # the checkpoint kind of every classifier here
 SPLITS = ("train", "val", "test")   # CelebA's partition codes 0, 1, 2
@@ -307,7 +305,7 @@ def cached_images(paths, crop, size, cache_dir, workers=4):
     tmp = stem + ".tmp.npy"
     np.save(tmp, images)
     os.replace(tmp, stem + ".npy")
-    toy_circles.write_json(dict(n=len(paths), crop=crop, size=size, paths_digest=key, first=str(paths[0])), stem + ".json")
+    plumbing.write_json(dict(n=len(paths), crop=crop, size=size, paths_digest=key, first=str(paths[0])), stem + ".json")
     print(f"cache: decoded {len(paths)} images into {stem}.npy")
     return images, stem + ".npy"
 
@@ -315,6 +313,12 @@ def cached_images(paths, crop, size, cache_dir, workers=4):
 # ----------------------------------------------------------------------------------------------
 # The classifier: a small CNN, its loss, a minimal training loop, scoring
 # ----------------------------------------------------------------------------------------------
+
+def group_norm(channels):
+    """GroupNorm with groups of at least 4 channels, at most 32 groups (the rule of unet.group_norm)."""
+    groups = max(g for g in range(1, 33) if channels % g == 0 and channels // g >= min(4, channels))
+    return nn.GroupNorm(groups, channels)
+
 
 class SmallCNN(nn.Module):
     """depth stages of [3x3 conv stride 2, GroupNorm, SiLU, 3x3 conv, GroupNorm, SiLU], widths
@@ -330,8 +334,8 @@ class SmallCNN(nn.Module):
         layers, c_in = [], 3
         for i in range(depth):
             c = width * 2 ** i
-            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), unet.group_norm(c), nn.SiLU(),
-                       nn.Conv2d(c, c, 3, padding=1), unet.group_norm(c), nn.SiLU()]
+            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), group_norm(c), nn.SiLU(),
+                       nn.Conv2d(c, c, 3, padding=1), group_norm(c), nn.SiLU()]
             c_in = c
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(c_in, num_classes)
@@ -343,16 +347,14 @@ class SmallCNN(nn.Module):
 
 
 def _to_input(images):
-    """uint8 tensor (B, S, S, 3) -> float (B, 3, S, S) in [-1, 1], as toy_circles.to_tensor."""
+    """uint8 tensor (B, S, S, 3) -> float (B, 3, S, S) in [-1, 1], as plumbing.to_tensor."""
     return images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def cnn_loss(images, labels):
-    """loss_fn(net, batch, generator) -> dict(loss (B,), acc (B,)): a random batch (with replacement),
-    each image flipped left-right with probability 1/2 (a face's attribute does not change with a flip).
-
-    images: uint8 tensor (N, S, S, 3) and labels (N,) on the training device. The signature is train.fit's,
-    so train.py can train a SmallCNN with its own loop (EMA, DDP, mid-run resume) on this loss.
+    """loss_fn(net, batch, generator) -> dict(loss (B,), acc (B,)) for fit.fit: a random batch (with
+    replacement), each image flipped left-right with probability 1/2 (fit.draw_batch; a face's attribute
+    does not change with a flip). images: uint8 tensor (N, S, S, 3) and labels (N,) on the training device.
     """
     def loss_fn(net, batch, g):
         idx = torch.randint(len(images), (batch,), generator=g, device=g.device).to(images.device)
@@ -364,44 +366,12 @@ def cnn_loss(images, labels):
     return loss_fn
 
 
-def autocast(precision, device):
-    """fp32: no autocast; bf16 on CPU or CUDA; fp16 on CUDA only."""
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
-def train_cnn(model, loss_fn, steps, batch, lr, seed, device, precision="fp32", desc="cnn"):
-    """AdamW for a fixed number of steps, linear warm-up then cosine decay to 0; returns log rows.
-
-    A minimal loop, not train.fit: this file sits below train.py and must train on its own; a stage
-    is resumed whole (a finished classifier's checkpoint is reused, an unfinished one is retrained).
-    """
-    model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
-    g = torch.Generator(device=device).manual_seed(seed)
-    warmup, log, t0 = max(1, min(100, steps // 10)), [], time.time()
-    sums, count = torch.zeros(2, device=device), 0  # loss and accuracy since the last log row (no per-step sync)
-    bar = tqdm(range(steps), desc=desc, mininterval=2.0, dynamic_ncols=True, disable=None)  # bars on a terminal only
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        with autocast(precision, device):
-            terms = loss_fn(model, batch, g)
-        loss = terms["loss"].float().mean()
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        sums, count = sums + torch.stack([loss.detach(), terms["acc"].float().mean().detach()]), count + 1
-        if (step + 1) % 50 == 0 or step + 1 == steps:
-            mean_loss, mean_acc = (sums / count).tolist()
-            log.append(dict(step=step + 1, loss=mean_loss, acc=mean_acc, img_per_s=(step + 1) * batch / (time.time() - t0)))
-            bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{mean_acc:.3f}", refresh=False)
-            sums, count = torch.zeros(2, device=device), 0
-    return log
+def cnn_settings(cfg, stream):
+    """fit.FitSettings of every classifier here: AdamW, linear warm-up over min(100, steps / 10) steps then a
+    cosine decay to 0, no EMA, no clipping; one checkpoint at the end (a killed stage resumes from it)."""
+    return fit.FitSettings(steps=cfg.steps, batch=cfg.batch, lr=cfg.lr, warmup=max(1, min(100, cfg.steps // 10)),
+                           schedule="cosine", grad_clip=0.0, precision=cfg.precision, seed=cfg.seed, stream=stream,
+                           log_every=50, ckpt_every=max(50, cfg.steps // 4))
 
 
 @torch.no_grad()
@@ -413,7 +383,7 @@ def predict_logits(model, images, index=None, device="cpu", batch=512, precision
     out = []
     for s in range(0, len(index), batch):
         x = torch.from_numpy(np.ascontiguousarray(images[index[s:s + batch]])).to(device)
-        with autocast(precision, device):
+        with plumbing.autocast(precision, device):
             out.append(model(_to_input(x)).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, model.config["num_classes"]), np.float32)
 
@@ -452,12 +422,12 @@ def score_images(model, images, device="cpu", batch=512, precision="fp32"):
 
 def load_attribute_classifier(path, device="cpu", use_ema=True):
     """(SmallCNN in eval mode, checkpoint dict) from a self-describing checkpoint of kind attribute_classifier."""
-    ckpt = ddpm.load_checkpoint(path, KIND)
+    ckpt = plumbing.load_checkpoint(path, KIND)
     try:
         model = SmallCNN(**ckpt["model_config"])
         model.load_state_dict(ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"])
     except (KeyError, TypeError, RuntimeError) as e:
-        raise ddpm.CheckpointError(f"checkpoint {path} does not rebuild a SmallCNN ({type(e).__name__})") from None
+        raise plumbing.CheckpointError(f"checkpoint {path} does not rebuild a SmallCNN ({type(e).__name__})") from None
     return model.to(device).eval(), ckpt
 
 
@@ -506,7 +476,7 @@ def plot_reliability(logits, labels, temperature, path, title):
     ax.set_title(title)
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
-    toy_circles.save_figure(fig, path)
+    plumbing.save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -551,11 +521,13 @@ def classifier_stage(cfg, data, images, name, train_idx, score_idx, stream):
                     precision=cfg.precision, seed=cfg.seed, stream=stream,
                     train=_digest(data["paths"][train_idx], labels[train_idx]), scored=_digest(data["paths"][score_idx]))
     if os.path.isfile(path):
-        ckpt = ddpm.load_checkpoint(path, KIND)
-        if ckpt.get("identity") == identity:
+        ckpt = plumbing.load_checkpoint(path, KIND)
+        if ckpt.get("identity") == identity and "scored" in ckpt:
             print(f"[{name}] finished earlier: reusing {path}")
             return ckpt
-        print(f"[{name}] {path} was made with other settings or data: retraining")
+        if ckpt.get("identity") != identity:  # a partial checkpoint of the same identity is resumed by fit
+            print(f"[{name}] {path} was made with other settings or data: retraining")
+            os.remove(path)
     counts = np.bincount(labels[train_idx], minlength=2)
     if counts.min() == 0:
         _fail(f"classifier {name}: class {data['class_names'][int(np.argmin(counts))]!r} has no training images")
@@ -564,23 +536,23 @@ def classifier_stage(cfg, data, images, name, train_idx, score_idx, stream):
     x = torch.from_numpy(images[train_idx]).to(cfg.device)
     y = torch.from_numpy(labels[train_idx].astype(np.int64)).to(cfg.device)
     print(f"[{name}] training on {len(train_idx)} images ({counts[0]} / {counts[1]} per class), {cfg.steps} steps")
-    log = train_cnn(model, cnn_loss(x, y), cfg.steps, cfg.batch, cfg.lr, cfg.seed * 1000 + stream, cfg.device,
-                    cfg.precision, desc=name)
+    meta = dict(kind=KIND, model_config=model.config, class_names=data["class_names"])
+    model, _, log = fit.fit(model, cnn_loss(x, y), cnn_settings(cfg, stream), path, fit.Runtime(0, 1, cfg.device),
+                            meta, identity, resume=True, desc=name)
     del x, y
     logits = predict_logits(model, images, score_idx, cfg.device, precision=cfg.precision)
-    ckpt = dict(kind=KIND, model_config=model.config, model={k: v.cpu() for k, v in model.state_dict().items()},
-                class_names=data["class_names"], identity=identity, log=log,
-                scored=dict(index=np.asarray(score_idx), logits=logits))
-    ddpm.save_checkpoint(path, ckpt)
+    ckpt = dict(meta, model={k: v.cpu() for k, v in model.state_dict().items()}, identity=identity, log=log,
+                scored=dict(index=torch.as_tensor(np.asarray(score_idx)), logits=torch.as_tensor(logits)))
+    plumbing.save_checkpoint(path, ckpt)
     return ckpt
 
 
 def _scores(ckpt, n, temperature=1.0):
     """p(class 1) of a stage's scored rows, NaN on the rows it did not score; (n,) float64 and (n, 2) logits."""
     p, logits = np.full(n, np.nan), np.full((n, 2), np.nan)
-    idx = ckpt["scored"]["index"]
-    logits[idx] = ckpt["scored"]["logits"]
-    p[idx] = p_class1(ckpt["scored"]["logits"], temperature)
+    idx, scored = np.asarray(ckpt["scored"]["index"]), np.asarray(ckpt["scored"]["logits"])
+    logits[idx] = scored
+    p[idx] = p_class1(scored, temperature)
     return p, logits
 
 
@@ -613,7 +585,7 @@ def evaluation_stage(cfg, data, images, splits):
                    n_val=len(splits["val"]), n_test=len(splits["test"]))
         ckpt["model"]["temperature"] = torch.tensor(cal["temperature"], dtype=torch.float64)
         ckpt["calibration"], ckpt["calibration_splits"] = cal, held_out
-        ddpm.save_checkpoint(os.path.join(cfg.out, "classifiers", "evaluation.pt"), ckpt)
+        plumbing.save_checkpoint(os.path.join(cfg.out, "classifiers", "evaluation.pt"), ckpt)
     cal = ckpt["calibration"]
     plot_reliability(logits[splits["val"]], labels[splits["val"]], cal["temperature"],
                      os.path.join(cfg.out, "reliability.png"), f"evaluation classifier, {len(splits['val'])} val images")
@@ -697,7 +669,7 @@ def plot_kept_hist(scores, labels, class_names, path, bins=100):
     ax.set_title("kept training images: extremes only")
     ax.legend(loc="upper center", fontsize=8)
     fig.tight_layout()
-    toy_circles.save_figure(fig, path)
+    plumbing.save_figure(fig, path)
 
 
 def write_index(path, data, rows, columns, kept, repeat, reason):
@@ -709,7 +681,7 @@ def write_index(path, data, rows, columns, kept, repeat, reason):
         probs = ["" if np.isnan(columns[c][i]) else f"{columns[c][i]:.10g}" for c in names]
         writer.writerow([data["paths"][i], data["labels"][i], SPLITS[data["splits"][i]], i, *probs,
                          int(kept[i]), repeat[i], reason[i]])
-    toy_circles.write_bytes_atomically(path, buf.getvalue().encode())
+    plumbing.write_bytes_atomically(path, buf.getvalue().encode())
 
 
 def read_index(path):
@@ -775,8 +747,8 @@ def filter_steps(cfg, data, images, splits):
 def write_outputs(cfg, data, images, columns, kept, repeat, reason, counts, calibration):
     """counts.json, evaluation.json, leakage.json (App. D.3), kept_scores.npy, figures; index.csv last."""
     labels, rows = data["labels"], np.flatnonzero(kept)
-    toy_circles.write_json(counts, os.path.join(cfg.out, "counts.json"))
-    toy_circles.write_json(dict(calibration, class_names=data["class_names"]), os.path.join(cfg.out, "evaluation.json"))
+    plumbing.write_json(counts, os.path.join(cfg.out, "counts.json"))
+    plumbing.write_json(dict(calibration, class_names=data["class_names"]), os.path.join(cfg.out, "evaluation.json"))
     # App. D.3 needs the accuracy of the step-2 MEMBERS on mild images; the members score only the step-1
     # set (no held-out split), so "measured" stands in the evaluation classifier's test accuracy for it.
     # accuracy_source says so in leakage.json and in the printed line.
@@ -785,14 +757,14 @@ def write_outputs(cfg, data, images, columns, kept, repeat, reason, counts, cali
                 measured=dict(leakage_estimate(len(rows), calibration["test_accuracy"], cfg.members),
                               accuracy_source="evaluation classifier's test accuracy, standing in for the "
                                               "ensemble members' (not measured: they score the step-1 set only)"))
-    toy_circles.write_json(leak, os.path.join(cfg.out, "leakage.json"))
+    plumbing.write_json(leak, os.path.join(cfg.out, "leakage.json"))
     buf = io.BytesIO()
     np.save(buf, columns["p_eval"][rows])  # for `python evaluate.py scores`: the training distribution of Sec. 5.1
-    toy_circles.write_bytes_atomically(os.path.join(cfg.out, "kept_scores.npy"), buf.getvalue())
+    plumbing.write_bytes_atomically(os.path.join(cfg.out, "kept_scores.npy"), buf.getvalue())
     plot_kept_hist(columns["p_eval"][rows], labels[rows], data["class_names"], os.path.join(cfg.out, "kept_hist.png"))
     extremes = [r[np.argsort(columns["p_eval"][r] * (1 if c == 0 else -1))][:32]   # 32 most extreme per side
                 for c, r in enumerate((rows[labels[rows] == 0], rows[labels[rows] == 1]))]
-    toy_circles.save_grid(images[np.concatenate(extremes)], os.path.join(cfg.out, "kept_grid.png"), nrow=8)
+    plumbing.save_grid(images[np.concatenate(extremes)], os.path.join(cfg.out, "kept_grid.png"), nrow=8)
     write_index(os.path.join(cfg.out, "index.csv"), data, np.flatnonzero(labels >= 0), columns, kept, repeat, reason)
     for name, est in leak.items():
         bounds = ", ".join(f"P(X >= {k}) <= {v:.3g}" for k, v in est["chernoff"].items())
@@ -810,7 +782,7 @@ def run_filter(cfg):
     images, cache_file = cached_images(data["paths"], data["crop"], cfg.size, cfg.cache, cfg.workers)
     labels, n = data["labels"], len(data["labels"])
     splits = {s: np.flatnonzero((data["splits"] == c) & (labels >= 0)) for c, s in enumerate(SPLITS)}
-    toy_circles.write_json(dict(vars(cfg), device=str(cfg.device), class_names=data["class_names"],
+    plumbing.write_json(dict(vars(cfg), device=str(cfg.device), class_names=data["class_names"],
                      cache_file=os.path.abspath(cache_file)), os.path.join(cfg.out, "config.json"))
     pass1, pass2, columns, counts = filter_steps(cfg, data, images, splits)
     ce, columns["p_eval"] = evaluation_stage(cfg, data, images, splits)
@@ -851,7 +823,7 @@ def _pair(text, kind):
 
 
 def parse_args(argv=None):
-    parser = ddpm.OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = plumbing.OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", required=True, choices=["celeba", "folder", "csv"], help="input layout")
     parser.add_argument("--root", help="CelebA folder, or the folder of class folders")
     parser.add_argument("--csv", help="--data csv: file of path,label[,split] rows")
@@ -921,4 +893,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    plumbing.guard(main)

@@ -1,7 +1,8 @@
 """generalization.py -- memorisation to generalisation: two DDPMs on disjoint subsets, and the
 harmonic bases of their denoisers (Kadkhodaie et al., ICLR 2024, replayed on the zsi discs).
 
-The question (../shared/papers/iclr2024_oral_session_generalization.txt)
+The question (Kadkhodaie et al., "Generalization in diffusion models arises from geometry-adaptive
+harmonic representations", ICLR 2024)
     Train two denoisers on disjoint training sets S1 and S2 of N images each. For small N each
     memorises its own set: samples are copies of training images, different for the two models.
     For large N both learn (nearly) the same score, so from the same starting noise they produce
@@ -17,7 +18,7 @@ The protocol (per N in --ns), what is kept fixed, and what is not
        U-Net, schedule, optimiser, batch, number of updates and training seed (data order, t and eps
        of every step) for every N and both models; the paper likewise keeps the number of updates
        fixed. Horizontal flips are off (a flip would add the mirror images to a set). The initial
-       weights are the control: the probe in PAPER_FACTS found that undertrained models agree
+       weights are the control: a first probe on these discs found that undertrained models agree
        whatever their data when they share initial weights and x_T, so by default (--init different)
        A and B start from different weights; --init same / both trains B from A's weights instead /
        as well (B0), and reports the A-B0 pair next to A-B.
@@ -36,7 +37,7 @@ The protocol (per N in --ns), what is kept fixed, and what is not
     5. The denoiser's Jacobian ("geometry-adaptive harmonic bases", GAHB), see below.
     6. The zsi twist: the same pair protocol on extremes-only data (centres in the outer bands,
        toy_circles region "train"), each DDPM with its own noisy classifier trained on its own half
-       (train.classifier_loss + fit), multi-guided (multiguide, lambda = --lambdas) from shared noise:
+       (fit.classifier_loss + fit), multi-guided (multiguide, lambda = --lambdas) from shared noise:
        do the two models put their guided middle circles at the same place?
 
 The denoiser as a function of y, and its Jacobian
@@ -75,7 +76,6 @@ Finished models (and the checkpoints of unfinished ones) in --out are picked up 
 with the same settings; --overwrite retrains. Outputs: report.md, results.json, config.json,
 figures/*.png, samples/*.npz (uint8).
 """
-import argparse
 import dataclasses
 import hashlib
 import io
@@ -89,7 +89,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 from torch.func import jacrev, vmap
@@ -97,7 +96,9 @@ from torch.func import jacrev, vmap
 import classifier
 import ddpm
 import evaluate
+import fit
 import multiguide
+import plumbing
 import toy_circles
 import train
 
@@ -130,7 +131,7 @@ class GenConfig:
     init: str = field(default="different", metadata={"help": "initial weights of B: different from A's, the same, or both",
                                                      "choices": ["different", "same", "both"]})
     # --- sampling and measures ---
-    m: int = field(default=256, metadata={"help": "samples M per model (shared x_T)"})
+    n_samples: int = field(default=256, metadata={"help": "samples M per model (shared x_T)"})
     sample_steps: str = field(default="50", metadata={"help": "DDIM steps (respacing)"})
     eval_t: str = field(default="10,50,100,200,400,600", metadata={"help": "chain steps t of the MSE curves"})
     n_eval: int = field(default=256, metadata={"help": "training / held-out images per MSE point"})
@@ -138,7 +139,7 @@ class GenConfig:
     jac_images: int = field(default=1, metadata={"help": "held-out images per Jacobian point"})
     # --- the zsi twist: extremes-only data, multi-guided ---
     twist_n: int = field(default=2048, metadata={"help": "images per model in the twist (0 = skip it)"})
-    twist_m: int = field(default=256, metadata={"help": "guided samples per twist model"})
+    twist_n_samples: int = field(default=256, metadata={"help": "guided samples per twist model"})
     clf_channels: int = field(default=32, metadata={"help": "classifier model_channels (classifier 'cpu' preset)"})
     clf_steps: int = field(default=500, metadata={"help": "classifier training steps"})
     lambdas: str = field(default="30,30", metadata={"help": "multi-guidance weights (left,right)"})
@@ -147,13 +148,15 @@ class GenConfig:
     # --- run control ---
     threads: int = field(default=0, metadata={"help": "CPU threads (0: all cores, at most 8)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
-    overwrite: bool = field(default=False, metadata={"help": "retrain models that --out already holds"})
+    overwrite: bool = field(default=False, metadata={"help": "retrain models and replace the outputs that --out "
+                                                     "already holds"})
 
 
 PRESETS = {
     # N in {8, 2048}: a 288k-parameter U-Net (16 channels, no attention), 800 steps per model.
-    "quick": dict(ns="8,2048", pool=4096, channels=16, steps=800, m=64, n_eval=128, eval_t="10,50,100,200,400",
-                  jac_t="10,50,200,400", twist_n=1024, twist_m=64, clf_channels=16, clf_steps=200),
+    "quick": dict(ns="8,2048", pool=4096, channels=16, steps=800, n_samples=64, n_eval=128,
+                  eval_t="10,50,100,200,400", jac_t="10,50,200,400", twist_n=1024, twist_n_samples=64,
+                  clf_channels=16, clf_steps=200),
     # N in {4, ..., 4096}: a 1.14M-parameter U-Net (32 channels, no attention), 1500 steps per model.
     "default": {},
 }
@@ -172,14 +175,10 @@ def parse_ints(text, name):
 
 def parse_config(argv=None):
     """Command line -> GenConfig: --quick (or --preset) picks the preset, any field's flag overrides it."""
-    parser = ddpm.OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = plumbing.OneLineParser(description=__doc__.split("\n\n")[0],
+                                    renamed={"--m": "--n-samples", "--twist-m": "--twist-n-samples"})
     parser.add_argument("--quick", action="store_true", help="the quick preset (same as --preset quick)")
-    for f in dataclasses.fields(GenConfig):
-        flag, meta = "--" + f.name.replace("_", "-"), dict(f.metadata)
-        if isinstance(f.default, bool):
-            parser.add_argument(flag, action="store_true", default=None, help=meta["help"])
-        else:
-            parser.add_argument(flag, type=type(f.default), default=None, **meta)
+    plumbing.add_dataclass_flags(parser, GenConfig, {"quick": PRESETS["quick"]})
     args = parser.parse_args(argv)
     preset = "quick" if args.quick else (args.preset or "default")
     values = {**PRESETS[preset], "preset": preset}
@@ -195,11 +194,11 @@ def parse_config(argv=None):
 
 def check_config(cfg):
     """Refuse numbers that cannot work (ValueError naming the flag)."""
-    for name in ("pool", "size", "steps", "batch", "T", "channels", "n_eval", "jac_images", "twist_m", "clf_steps"):
+    for name in ("pool", "size", "steps", "batch", "T", "channels", "n_eval", "jac_images", "twist_n_samples", "clf_steps"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    if cfg.m < 1:
-        raise ValueError(f"--m (samples per model) must be at least 1, got {cfg.m}")
+    if cfg.n_samples < 1:
+        raise ValueError(f"--n-samples (samples per model) must be at least 1, got {cfg.n_samples}")
     ns = parse_ints(cfg.ns, "ns")
     if min(ns) < 1:
         raise ValueError(f"--ns must be positive, got {ns}")
@@ -266,7 +265,7 @@ def images_digest(images):
 # ----------------------------------------------------------------------------------------------
 
 def train_model(cfg, rt, images, path, init_seed, desc):
-    """One DDPM on `images` with train.build_ddpm + train.ddpm_loss(hflip=False) + train.fit.
+    """One DDPM on `images` with train.build_ddpm + fit.ddpm_loss(hflip=False) + train.fit.
 
     torch.manual_seed(init_seed) fixes the initial weights; the training stream (data order, t, eps)
     is train.fit's, seeded with --seed: the same for every model of the study. A finished checkpoint
@@ -275,26 +274,26 @@ def train_model(cfg, rt, images, path, init_seed, desc):
     tcfg = ddpm_config(cfg, os.path.dirname(path))
     torch.manual_seed(init_seed)
     model, diffusion, d = train.build_ddpm(tcfg, **unet_overrides(cfg))
-    x0 = toy_circles.to_tensor(images).to(rt.device)                  # (N, 1, S, S) in [-1, 1]
+    x0 = plumbing.to_tensor(images).to(rt.device)                  # (N, 1, S, S) in [-1, 1]
     identity = dict(study_identity(cfg), init_seed=init_seed, images=images_digest(images), n=len(images))
     meta = dict(kind="ddpm", model_config=model.config, diffusion=d)
-    _, ema, _ = train.fit(model, train.ddpm_loss(diffusion, x0, hflip=False), train.fit_settings(tcfg), path, rt,
+    _, ema, _ = fit.fit(model, fit.ddpm_loss(diffusion, x0, hflip=False), train.fit_settings(tcfg), path, rt,
                           meta, identity, resume=not cfg.overwrite, desc=desc)
     return ema.eval(), d
 
 
 def train_guidance_classifier(cfg, rt, images, labels, d, path, init_seed, desc):
-    """A noisy classifier on one model's own half, with train.classifier_loss + train.fit (flips swap labels)."""
+    """A noisy classifier on one model's own half, with fit.classifier_loss + train.fit (flips swap labels)."""
     tcfg = ddpm_config(cfg, os.path.dirname(path))
     torch.manual_seed(init_seed)
     model = classifier.build_classifier("cpu", image_size=cfg.size, in_channels=1, model_channels=cfg.clf_channels)
-    x0 = toy_circles.to_tensor(images).to(rt.device)
+    x0 = plumbing.to_tensor(images).to(rt.device)
     identity = dict(study_identity(cfg), init_seed=init_seed, images=images_digest(images), kind="classifier")
     meta = dict(kind="classifier", model_config=model.config, diffusion=d)
     s = train.fit_settings(tcfg, steps=cfg.clf_steps, lr=3e-4, warmup=0, ema=0.0, stream=1,
                            ckpt_every=cfg.clf_steps, log_every=max(1, cfg.clf_steps // 5))
-    loss_fn = train.classifier_loss(ddpm.diffusion_from_config(d), x0, torch.as_tensor(labels).to(rt.device))
-    model, _, _ = train.fit(model, loss_fn, s, path, rt, meta, identity, resume=not cfg.overwrite, desc=desc)
+    loss_fn = fit.classifier_loss(ddpm.diffusion_from_config(d), x0, torch.as_tensor(labels).to(rt.device))
+    model, _, _ = fit.fit(model, loss_fn, s, path, rt, meta, identity, resume=not cfg.overwrite, desc=desc)
     return model.eval()
 
 
@@ -309,7 +308,7 @@ def sample_images(model, d, m, cfg, rt, seed, clf=None, lambdas=None, sampler="d
     sampled with the same seed starts from the same x_T (and, for "ddpm", the same step noise)."""
     x = multiguide.sample(model, d, m, classifier=clf, lambdas=lambdas, respacing=cfg.sample_steps,
                           sampler=sampler, eta=0.0, batch=256, seed=seed, device=rt.device, progress=False)
-    return toy_circles.to_uint8(x)
+    return plumbing.to_uint8(x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -495,7 +494,7 @@ def analyse_model(model, d, cfg, heldout, seed):
     as (8, S, S)}) ; the tangent plane is that of each held-out disc (toy_circles.disc_tangents).
     """
     diffusion = ddpm.diffusion_from_config(d, "")
-    x0 = toy_circles.to_tensor(heldout["images"][:cfg.jac_images]).to(_device(model))   # (B, 1, S, S)
+    x0 = plumbing.to_tensor(heldout["images"][:cfg.jac_images]).to(_device(model))   # (B, 1, S, S)
     tangents = [toy_circles.disc_tangents(cfg.size, c, cfg.radius).reshape(2, -1).T * 2.0  # [-1, 1] units
                 for c in heldout["centres"][:cfg.jac_images]]
     rows, vectors = [], {}
@@ -554,11 +553,11 @@ def run_pair(cfg, rt, n, pool, heldout, fresh, clock):
         path = os.path.join(cfg.out, "models", f"N{n}_{name}.pt")
         clock(f"N = {n}: model {name} on {set_name} (init seed {init_seed})")
         models[name] = train_model(cfg, rt, sets[set_name]["images"], path, init_seed, f"N={n} {name}")
-        samples[name] = sample_images(*models[name], cfg.m, cfg, rt, seed=cfg.seed + SEEDS["sample"])
+        samples[name] = sample_images(*models[name], cfg.n_samples, cfg, rt, seed=cfg.seed + SEEDS["sample"])
         centres[name] = disc_centres(samples[name], cfg.radius)
         buf = io.BytesIO()
         np.savez_compressed(buf, images=samples[name], centres=centres[name], n=n, model=name)
-        toy_circles.write_bytes_atomically(os.path.join(cfg.out, "samples", f"N{n}_{name}.npz"), buf.getvalue())
+        plumbing.write_bytes_atomically(os.path.join(cfg.out, "samples", f"N{n}_{name}.npz"), buf.getvalue())
     clock(f"N = {n}: measures")
     pairs = {f"A-{b}": compare_pair(samples["A"], samples[b], cfg.radius) for b in samples if b != "A"}
     own_of = {name: set_name for name, set_name, _ in model_plan(cfg)}
@@ -567,11 +566,11 @@ def run_pair(cfg, rt, n, pool, heldout, fresh, clock):
     # (4) denoising MSE (own training images vs held-out) and disagreement, the same noise for all models
     diffusion = ddpm.diffusion_from_config(models["A"][1], "")
     ts = parse_ints(cfg.eval_t, "eval-t")
-    x_held = toy_circles.to_tensor(heldout["images"])
+    x_held = plumbing.to_tensor(heldout["images"])
     held = {name: eps_predictions(m, diffusion, x_held, ts, cfg.seed + SEEDS["noise"]) for name, (m, _) in models.items()}
     mse = {}
     for name, (m, _) in models.items():
-        x_train = toy_circles.to_tensor(sets[own_of[name]]["images"][:cfg.n_eval])
+        x_train = plumbing.to_tensor(sets[own_of[name]]["images"][:cfg.n_eval])
         mse[name] = dict(train=denoising_mse(eps_predictions(m, diffusion, x_train, ts, cfg.seed + SEEDS["noise"] + 1),
                                              x_train, diffusion),
                          heldout=denoising_mse(held[name], x_held, diffusion))
@@ -604,11 +603,11 @@ def run_twist(cfg, rt, clock):
                                         os.path.join(cfg.out, "models", f"twist_classifier_{name}.pt"), init_seed,
                                         f"twist clf {name}")
         seed = cfg.seed + SEEDS["sample"]
-        guided[name] = sample_images(model, d, cfg.twist_m, cfg, rt, seed, clf, lambdas, cfg.twist_sampler)
-        unguided[name] = sample_images(model, d, cfg.twist_m, cfg, rt, seed, sampler=cfg.twist_sampler)
+        guided[name] = sample_images(model, d, cfg.twist_n_samples, cfg, rt, seed, clf, lambdas, cfg.twist_sampler)
+        unguided[name] = sample_images(model, d, cfg.twist_n_samples, cfg, rt, seed, sampler=cfg.twist_sampler)
         buf = io.BytesIO()
         np.savez_compressed(buf, guided=guided[name], unguided=unguided[name], lambdas=np.array(lambdas))
-        toy_circles.write_bytes_atomically(os.path.join(cfg.out, "samples", f"twist_{name}.npz"), buf.getvalue())
+        plumbing.write_bytes_atomically(os.path.join(cfg.out, "samples", f"twist_{name}.npz"), buf.getvalue())
     res = dict(n=n, lambdas=lambdas, sampler=cfg.twist_sampler)
     for kind, imgs in (("guided", guided), ("unguided", unguided)):
         pair = compare_pair(imgs["A"], imgs["B"], cfg.radius)
@@ -651,7 +650,7 @@ def plot_fig1(figs, path, per_row=3):
                 _tile(axes[r, 4 * j + c], image[..., 0], title if r == 0 else None)
         axes[r, 0].set_ylabel(f"N = {fd['n']}", fontsize=8)
     fig.suptitle("samples of A and B from the same x_T, with each one's nearest training image (cosine)", fontsize=9)
-    toy_circles.save_figure(fig, path)
+    plumbing.save_figure(fig, path)
 
 
 def plot_vs_n(results, path):
@@ -687,7 +686,7 @@ def plot_vs_n(results, path):
     for ax in (a, b, c, d):
         ax.legend(fontsize=6)
     fig.tight_layout()
-    toy_circles.save_figure(fig, path)
+    plumbing.save_figure(fig, path)
 
 
 def plot_effective_dim(results, path):
@@ -712,7 +711,7 @@ def plot_effective_dim(results, path):
     for ax in (a, b):
         ax.xaxis.set_minor_formatter(NullFormatter())
     fig.tight_layout()
-    toy_circles.save_figure(fig, path)
+    plumbing.save_figure(fig, path)
 
 
 def plot_eigenvectors(figs, results, path):
@@ -731,7 +730,7 @@ def plot_eigenvectors(figs, results, path):
             _tile(axes[r, k + 1], crop(fd["eigvecs"][t][k]), f"k={k + 1}: {evals[k]:.2f}", signed=True)
         axes[r, 0].set_ylabel(f"N = {fd['n']}\nt = {t}", fontsize=8)
     fig.suptitle("top eigenvectors of the denoiser Jacobian (model A; red +, blue -; title: eigenvalue)", fontsize=9)
-    toy_circles.save_figure(fig, path)
+    plumbing.save_figure(fig, path)
 
 
 def plot_twist(twist, images, path, pairs=8):
@@ -755,7 +754,7 @@ def plot_twist(twist, images, path, pairs=8):
            title=f"lambda = {','.join(f'{v:g}' for v in twist['lambdas'])}; grey: middle band")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    toy_circles.save_figure(fig, path)
+    plumbing.save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -774,6 +773,48 @@ def regime(r):
     if not (math.isfinite(own) and math.isfinite(fresh)):
         return "n/a"
     return "copies" if own < fresh / 3 else "new images" if own >= 0.75 * fresh else "in between"
+
+
+def twist_section(cfg, twist):
+    """report.md lines of the zsi twist (extremes-only data, multi-guided from shared noise); none without it."""
+    if twist is None:
+        return []
+    g, u = twist["guided"], twist["unguided"]
+    return [
+        "## The zsi twist: extremes-only data, multi-guided from shared noise", "",
+        f"Two DDPMs on disjoint halves of {twist['n']} + {twist['n']} discs with centres only in the outer bands "
+        f"(z <= {toy_circles.TRAIN_BAND_Z[0]:.3f} or z >= {toy_circles.TRAIN_BAND_Z[1]:.3f}), each with its own "
+        f"noisy classifier ({cfg.clf_steps} steps), sampled with lambda = {twist['lambdas']} ({twist['sampler']}, "
+        f"shared noise) and unguided from the same noise.", "",
+        "| | in the middle band A / B | pairs both in the middle | centre dist A-B, both in middle (px) | "
+        "centre dist A-B, all pairs with one circle | pairs within 1 px | \\|z_A - z_B\\| both in middle |",
+        "|---|---|---|---|---|---|---|",
+        f"| guided | {g['middle_a']:.2f} / {g['middle_b']:.2f} | {g['both_middle']} | "
+        f"{_fmt(g['centre_dist_both_middle'])} | {_fmt(g['pair']['centre_dist'])} | {g['pair']['within_1px']:.2f} | "
+        f"{_fmt(g['dz_both_middle'], 3)} |",
+        f"| unguided | {u['middle_a']:.2f} / {u['middle_b']:.2f} | {u['both_middle']} | "
+        f"{_fmt(u['centre_dist_both_middle'])} | {_fmt(u['pair']['centre_dist'])} | {u['pair']['within_1px']:.2f} | "
+        f"{_fmt(u['dz_both_middle'], 3)} |",
+        "", "![twist](figures/twist.png)", ""]
+
+
+def denoiser_tables(results, jt, jm, t_mse):
+    """report.md rows of the denoisers without sampling: one table at (t_mse, Jacobian row jm), one against t."""
+    den = [f"| N | cos nearest own (A) | cos nearest fresh | MSE train / held-out (t = {t_mse}) | disagreement A-B "
+           f"(t = {t_mse}) | tr grad f (t = {jt[jm]['t']}, sigma {jt[jm]['sigma']:.2f}) | eigenvalues > 1/2 | "
+           f"tangent share in top 2 | asymmetry | f - Jy residual |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        j, mA = r["jacobian"][jm], r["memorisation"]["A"]
+        den.append(f"| {r['n']} | {mA['cos_own']['median']:.3f} | {mA['cos_fresh']['median']:.3f} | "
+                   f"{r['mse']['A']['train'][t_mse]:.2e} / {r['mse']['A']['heldout'][t_mse]:.2e} | "
+                   f"{r['disagreement']['A-B'][t_mse]:.3f} | {j['effective_dim']:.1f} | {j['kept_dims']:.0f} | "
+                   f"{j['tangent_energy'][2]:.2f} | {j['asymmetry']:.3f} | {j['homogeneity']:.3f} |")
+    eff = ["| N | " + " | ".join(f"t = {row['t']} (sigma {row['sigma']:.2f})" for row in jt) + " |",
+           "|---|" + "---|" * len(jt)]
+    eff += [f"| {r['n']} | " + " | ".join(f"{row['effective_dim']:.1f} / {row['kept_dims']:.0f} / "
+                                         f"{row['tangent_energy'][2]:.2f}" for row in r["jacobian"]) + " |"
+            for r in results]
+    return den, eff
 
 
 def report_markdown(cfg, results, twist, timings):
@@ -801,20 +842,7 @@ def report_markdown(cfg, results, twist, timings):
         rows += [f"| {r['n']} | {_fmt(r['pairs']['A-B']['centre_dist'])} | {_fmt(r['pairs']['A-B0']['centre_dist'])} | "
                  f"{r['pairs']['A-B']['within_1px']:.2f} / {r['pairs']['A-B0']['within_1px']:.2f} | "
                  f"{_fmt(r['pairs']['A-B0']['cos01'])} |" for r in same]
-    den = [f"| N | cos nearest own (A) | cos nearest fresh | MSE train / held-out (t = {t_mse}) | disagreement A-B "
-           f"(t = {t_mse}) | tr grad f (t = {jt[jm]['t']}, sigma {jt[jm]['sigma']:.2f}) | eigenvalues > 1/2 | "
-           f"tangent share in top 2 | asymmetry | f - Jy residual |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        j, mA = r["jacobian"][jm], r["memorisation"]["A"]
-        den.append(f"| {r['n']} | {mA['cos_own']['median']:.3f} | {mA['cos_fresh']['median']:.3f} | "
-                   f"{r['mse']['A']['train'][t_mse]:.2e} / {r['mse']['A']['heldout'][t_mse]:.2e} | "
-                   f"{r['disagreement']['A-B'][t_mse]:.3f} | {j['effective_dim']:.1f} | {j['kept_dims']:.0f} | "
-                   f"{j['tangent_energy'][2]:.2f} | {j['asymmetry']:.3f} | {j['homogeneity']:.3f} |")
-    eff = ["| N | " + " | ".join(f"t = {row['t']} (sigma {row['sigma']:.2f})" for row in jt) + " |",
-           "|---|" + "---|" * len(jt)]
-    eff += [f"| {r['n']} | " + " | ".join(f"{row['effective_dim']:.1f} / {row['kept_dims']:.0f} / "
-                                         f"{row['tangent_energy'][2]:.2f}" for row in r["jacobian"]) + " |"
-            for r in results]
+    den, eff = denoiser_tables(results, jt, jm, t_mse)
     lines = [
         "# Memorisation to generalisation: two DDPMs on disjoint subsets (Kadkhodaie et al., ICLR 2024)", "",
         f"Command: `python {' '.join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))}` "
@@ -824,7 +852,7 @@ def report_markdown(cfg, results, twist, timings):
         f"pool of {cfg.pool}. Each DDPM: U-Net '{cfg.unet}' with {cfg.channels} channels, attention {cfg.attention}, "
         f"{cfg.steps} steps of batch {cfg.batch} (the same for every N), AdamW {cfg.lr:g}, EMA {cfg.ema}, T = {cfg.T} "
         f"cosine, eps-prediction, L_simple, no flips; B's initial weights: {cfg.init} (see the control below). "
-        f"M = {cfg.m} samples per model from one shared x_T, DDIM eta = 0, {cfg.sample_steps} steps.", "",
+        f"M = {cfg.n_samples} samples per model from one shared x_T, DDIM eta = 0, {cfg.sample_steps} steps.", "",
         "## Samples from the same x_T (medians over samples [quartiles])", "",
         "Distances in pixels between sub-pixel centres. 'fresh discs to S1': new discs from the data generator "
         "against S1, what chance gives. 'copies': share of samples within "
@@ -842,24 +870,7 @@ def report_markdown(cfg, results, twist, timings):
         "close to the identity on many background directions, which inflates the trace.", "",
         *eff, "",
     ]
-    if twist is not None:
-        g, u = twist["guided"], twist["unguided"]
-        lines += [
-            "## The zsi twist: extremes-only data, multi-guided from shared noise", "",
-            f"Two DDPMs on disjoint halves of {twist['n']} + {twist['n']} discs with centres only in the outer bands "
-            f"(z <= {toy_circles.TRAIN_BAND_Z[0]:.3f} or z >= {toy_circles.TRAIN_BAND_Z[1]:.3f}), each with its own "
-            f"noisy classifier ({cfg.clf_steps} steps), sampled with lambda = {twist['lambdas']} ({twist['sampler']}, "
-            f"shared noise) and unguided from the same noise.", "",
-            "| | in the middle band A / B | pairs both in the middle | centre dist A-B, both in middle (px) | "
-            "centre dist A-B, all pairs with one circle | pairs within 1 px | \\|z_A - z_B\\| both in middle |",
-            "|---|---|---|---|---|---|---|",
-            f"| guided | {g['middle_a']:.2f} / {g['middle_b']:.2f} | {g['both_middle']} | "
-            f"{_fmt(g['centre_dist_both_middle'])} | {_fmt(g['pair']['centre_dist'])} | {g['pair']['within_1px']:.2f} | "
-            f"{_fmt(g['dz_both_middle'], 3)} |",
-            f"| unguided | {u['middle_a']:.2f} / {u['middle_b']:.2f} | {u['both_middle']} | "
-            f"{_fmt(u['centre_dist_both_middle'])} | {_fmt(u['pair']['centre_dist'])} | {u['pair']['within_1px']:.2f} | "
-            f"{_fmt(u['dz_both_middle'], 3)} |",
-            "", "![twist](figures/twist.png)", ""]
+    lines += twist_section(cfg, twist)
     lines += [
         "## Figures", "",
         "Fig. 1 of the paper, replayed (A's sample, its nearest image in S1, B's sample from the same x_T, its "
@@ -891,17 +902,17 @@ def to_json(obj):
 def run_study(cfg):
     """Pool -> per N: two models, shared-x_T samples, measures, Jacobians -> twist -> figures, report."""
     t_start = time.time()
-    rt = train.setup_runtime(ddpm_config(cfg, cfg.out))
+    rt = fit.setup_runtime(cfg.device, cfg.threads)
     os.makedirs(cfg.out, exist_ok=True)
-    toy_circles.write_bytes_atomically(os.path.join(cfg.out, "config.json"),
+    plumbing.write_bytes_atomically(os.path.join(cfg.out, "config.json"),
                                        (json.dumps(dataclasses.asdict(cfg), indent=2) + "\n").encode())
     clock = lambda msg: print(f"[{time.time() - t_start:6.0f} s] {msg}", flush=True)
     print(f"generalization | preset {cfg.preset} | out {os.path.abspath(cfg.out)} | device {rt.device} | "
           f"{torch.get_num_threads()} threads")
     print(json.dumps(dataclasses.asdict(cfg)))
     disc = lambda n, seed: toy_circles.make_discs(n, cfg.size, cfg.radius, "all", seed=cfg.seed + seed)
-    pool, heldout, fresh = disc(cfg.pool, SEEDS["pool"]), disc(cfg.n_eval, SEEDS["heldout"]), disc(cfg.m, SEEDS["fresh"])
-    toy_circles.save_grid(pool["images"][:64, ..., 0], os.path.join(cfg.out, "figures", "training_data.png"),
+    pool, heldout, fresh = disc(cfg.pool, SEEDS["pool"]), disc(cfg.n_eval, SEEDS["heldout"]), disc(cfg.n_samples, SEEDS["fresh"])
+    plumbing.save_grid(pool["images"][:64, ..., 0], os.path.join(cfg.out, "figures", "training_data.png"),
                           nrow=8, scale=2)
     results, figs, timings = [], [], {}
     for n in parse_ints(cfg.ns, "ns"):
@@ -925,19 +936,19 @@ def run_study(cfg):
               f"centre dist there {g['centre_dist_both_middle']['median']:.2f} px")
     clock("figures and report")
     fig_dir = os.path.join(cfg.out, "figures")
-    plot_fig1(figs, os.path.join(fig_dir, "fig1_pairs.png"), per_row=min(3, cfg.m))
+    plot_fig1(figs, os.path.join(fig_dir, "fig1_pairs.png"), per_row=min(3, cfg.n_samples))
     plot_vs_n(results, os.path.join(fig_dir, "vs_n.png"))
     plot_effective_dim(results, os.path.join(fig_dir, "effective_dim.png"))
     plot_eigenvectors(figs, results, os.path.join(fig_dir, "eigenvectors.png"))
     if twist is not None:
-        plot_twist(twist, twist_images, os.path.join(fig_dir, "twist.png"), pairs=min(8, cfg.twist_m))
+        plot_twist(twist, twist_images, os.path.join(fig_dir, "twist.png"), pairs=min(8, cfg.twist_n_samples))
     timings["total"] = time.time() - t_start
     out = dict(config=dataclasses.asdict(cfg), per_n=results, timings_s=timings,
                twist={k: v for k, v in twist.items() if not k.endswith("_arrays")} if twist else None,
                supersample=toy_circles.SUPERSAMPLE, copy_px=COPY_PX)
-    toy_circles.write_bytes_atomically(os.path.join(cfg.out, "results.json"),
+    plumbing.write_bytes_atomically(os.path.join(cfg.out, "results.json"),
                                        (json.dumps(to_json(out), indent=2) + "\n").encode())
-    toy_circles.write_bytes_atomically(os.path.join(cfg.out, "report.md"),
+    plumbing.write_bytes_atomically(os.path.join(cfg.out, "report.md"),
                                        report_markdown(cfg, results, twist, timings).encode())
     clock(f"report: {os.path.join(cfg.out, 'report.md')}")
     return out
@@ -949,4 +960,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    plumbing.guard(main)

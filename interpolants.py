@@ -3,7 +3,7 @@
 What this file is
     An interpolation between two latents a and b is a discrete curve z_0 = a, z_1, ..., z_N = b.
     lerp and slerp are the fixed baselines. ProbGEORCE (Rygaard et al., "Likely Interpolants of
-    Generative Models", ../shared/papers/likely_interpolants_probgeorce.txt) bends the curve toward
+    Generative Models") bends the curve toward
     likely points by minimising a discrete energy plus a regulariser S = -log(density):
 
         E(z) = sum_{i=0}^{N-1} u_i^T G(z_i) u_i + lam~ sum_{i=1}^{N-1} S(z_i),   u_i = z_{i+1} - z_i,
@@ -12,7 +12,7 @@ What this file is
     G is a Riemannian background metric (the identity by default). The algorithm is GEORCE's: freeze
     G and linearise everything else at the current curve, solve that convex surrogate exactly
     (Prop. 3.1 and 3.2; Cor. 3.2.1 for G = I), and move toward its solution with a backtracking line
-    search. Facts from the authors' code (../shared/PAPER_FACTS.md, "The neighbours"): straight-line
+    search. Facts from the authors' released code: straight-line
     start, lam normalised by E_0 / |sum S(z_lin)|, backtracking factor 0.5, tolerance 1e-4, max 100
     iterations (N = 10 for images, N = 100 and lam up to 20 for 2-D data; our 2-D run allows 1000
     iterations, since lam = 20 needs ~190 at N = 100). We iterate in float64 whatever the inputs.
@@ -41,8 +41,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-import ddpm
-import toy_circles
+import plumbing
 
 
 # ----------------------------------------------------------------------------------------------
@@ -431,8 +430,8 @@ def run_twod(out, seed=0, n=100, max_iter=1000, samples=1000, bandwidth=0.15):
                   ends="radius 2 at +75 and -75 deg", loglik="mean over all n + 1 curve points")
     results = dict(config=config, seconds=seconds, curves=rows)
     _plot_twod(curves, regs, data, rows, os.path.join(out, "curves.png"))
-    toy_circles.write_bytes_atomically(os.path.join(out, "results.json"), (json.dumps(results, indent=2) + "\n").encode())
-    toy_circles.write_bytes_atomically(os.path.join(out, "report.md"), _report_twod(results).encode())
+    plumbing.write_bytes_atomically(os.path.join(out, "results.json"), (json.dumps(results, indent=2) + "\n").encode())
+    plumbing.write_bytes_atomically(os.path.join(out, "report.md"), _report_twod(results).encode())
     return results
 
 
@@ -459,7 +458,7 @@ def _plot_twod(curves, regs, data, rows, path):
         ax.legend(fontsize=7, loc="lower left", title="L = mean log-lik gmm/kde", title_fontsize=7)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
-    toy_circles.write_bytes_atomically(path, buf.getvalue())
+    plumbing.write_bytes_atomically(path, buf.getvalue())
 
 
 def _report_twod(results):
@@ -499,37 +498,42 @@ def run_bench(d=3072, n=10, repeats=3, seed=0):
 
 
 def main(argv=None):
-    parser = ddpm.OneLineParser(description="ProbGEORCE likely interpolants: the 2-D experiment and a benchmark.")
+    parser = plumbing.OneLineParser(description="ProbGEORCE likely interpolants: the 2-D experiment and a benchmark.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("twod", help="the paper's Fig. 3: curves on a 2-D ring mixture for several lam")
-    p.add_argument("--out", required=True, help="output folder (curves.png, results.json, report.md)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the 1000 samples behind the KDE")
-    p.add_argument("--n", type=int, default=100, help="intervals per curve (the authors' 2-D setting)")
-    p.add_argument("--max-iter", type=int, default=1000,
+    p = sub.add_parser("twod", renamed={"--n": "--intervals", "--samples": "--n-samples"},
+                       help="the paper's Fig. 3: curves on a 2-D ring mixture for several lam")
+    plumbing.add_flags(p, "out", "overwrite", "seed")
+    p.add_argument("--intervals", type=plumbing.positive_int, default=100,
+                   help="N, intervals per curve (the authors' 2-D setting)")
+    p.add_argument("--max-iter", type=plumbing.positive_int, default=1000,
                    help="iterations per curve at most (1000: lam = 20 needs ~200 at N = 100)")
-    p.add_argument("--samples", type=int, default=1000, help="samples behind the KDE")
-    q = sub.add_parser("bench", help="time one chi^2 curve at d = 3072, N = 10")
-    q.add_argument("--d", type=int, default=3072, help="dimension (3072 = 3 x 32 x 32)")
-    q.add_argument("--n", type=int, default=10, help="intervals per curve")
-    q.add_argument("--repeats", type=int, default=3, help="curves timed per dtype")
+    plumbing.add_flags(p, n_samples=1000)  # samples behind the KDE
+    q = sub.add_parser("bench", renamed={"--n": "--intervals"}, help="time one chi^2 curve at d = 3072, N = 10")
+    q.add_argument("--d", type=plumbing.positive_int, default=3072, help="dimension (3072 = 3 x 32 x 32)")
+    q.add_argument("--intervals", type=plumbing.positive_int, default=10, help="N, intervals per curve")
+    q.add_argument("--repeats", type=plumbing.positive_int, default=3, help="curves timed per dtype")
     args = parser.parse_args(argv)
+    if args.intervals < 2:
+        parser.error("--intervals must be at least 2 (a curve needs an interior point)")
+    if args.command == "twod":
+        if args.n_samples < 2:
+            parser.error("--n-samples must be >= 2 (the KDE needs two points)")
+        plumbing.check_out_folder(args.out)
+        plumbing.refuse_overwrite(args.out, ["curves.png", "results.json", "report.md"], args.overwrite)
+    elif args.d < 3:
+        parser.error("--d must be >= 3")
     print(f"config: {json.dumps(vars(args))}")
     torch.set_num_threads(1)
-    if args.n < 2:
-        parser.error("--n must be at least 2")
     if args.command == "twod":
-        if args.max_iter < 1 or args.samples < 2:
-            parser.error("--max-iter must be >= 1 and --samples >= 2")
-        res = run_twod(args.out, seed=args.seed, n=args.n, max_iter=args.max_iter, samples=args.samples)
+        with plumbing.RunLock(args.out):
+            res = run_twod(args.out, seed=args.seed, n=args.intervals, max_iter=args.max_iter, samples=args.n_samples)
         for r in res["curves"]:
             print(f"S={r['S']} lam={r['lam']:<4g} iterations {r['iterations']:3d} ({r['stop']}) "
                   f"mean log-lik gmm {r['ll_gmm']:7.3f} kde {r['ll_kde']:7.3f}")
         print(f"wall time {res['seconds']:.2f} s; wrote {args.out}/curves.png, results.json, report.md")
     else:
-        if args.d < 3 or args.repeats < 1:
-            parser.error("--d must be >= 3 and --repeats >= 1")
-        run_bench(args.d, args.n, args.repeats)
+        run_bench(args.d, args.intervals, args.repeats)
 
 
 if __name__ == "__main__":
-    main()
+    plumbing.guard(main)

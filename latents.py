@@ -12,7 +12,7 @@ What this file is
             interpolants (interpolants.py): S = -log chi^2_d(||z||^2), exact at x_T where the prior is
             N(0, I), with lam in {0.1, 0.5, 1, 10} and N = 10 as its authors use for images, and the
             score variant (S from eps_theta) at t ~ T/2, the level where its authors interpolate for
-            Stable Diffusion (PAPER_FACTS.md, "The neighbours"). Both inversion levels are run.
+            Stable Diffusion (their released code). Both inversion levels are run.
     App. N  attribute editing: invert a left-circle image halfway (T_inv ~ T/2), then denoise with
             multi-guidance (lambda = 30 for both classes, Eq. 2) by DDIM with noise injection
             eta_t = t / T_inv. Where do the circles end up?
@@ -62,6 +62,7 @@ import ddpm
 import evaluate
 import interpolants
 import multiguide
+import plumbing
 import toy_circles
 
 LAMBDAS = (0.1, 0.5, 1.0, 10.0)   # ProbGEORCE's lam for images (its authors' Stable Diffusion runs)
@@ -229,7 +230,7 @@ def nll_bpd(model, diffusion_dict, images, steps="100", seed=0, batch=128, devic
     """
     diffusion = ddpm.diffusion_from_config(diffusion_dict, steps)
     g = torch.Generator(device=device).manual_seed(seed)
-    x = toy_circles.to_tensor(images).to(device)
+    x = plumbing.to_tensor(images).to(device)
     return _batched(lambda xb: diffusion.calc_bpd_loop(model, xb, generator=g), x, batch).double().cpu().numpy()
 
 
@@ -266,10 +267,10 @@ def interp_setting(model, d, pairs, where, args, device):
     Returns (summary dict for results.json, dict name -> uint8 frames of pair 0 for the strips,
     per-pair centre-x paths for the figure).
     """
-    diffusion = ddpm.diffusion_from_config(d, args.steps)
+    diffusion = ddpm.diffusion_from_config(d, args.sample_steps)
     level, n, M = chain_level(diffusion, where), args.frames, len(pairs["left"])
     sec = {}
-    x = toy_circles.to_tensor(np.concatenate([pairs["left"], pairs["right"]])).to(device)  # (2M, C, H, W)
+    x = plumbing.to_tensor(np.concatenate([pairs["left"], pairs["right"]])).to(device)  # (2M, C, H, W)
     t0 = time.time()
     inv, inv_level = inversion_chain(d, args.invert_steps, diffusion.timestep_map[level])
     z = invert(model, inv, x, inv_level, args.batch).cpu()            # left latents, then right ones
@@ -290,7 +291,7 @@ def interp_setting(model, d, pairs, where, args, device):
     t0 = time.time()
     decoded = decode(model, diffusion, points.to(device), level, args.batch).cpu()
     sec["decode"] = time.time() - t0
-    images = toy_circles.to_uint8(decoded)                             # (M F, S, S, 3)
+    images = plumbing.to_uint8(decoded)                             # (M F, S, S, 3)
     stats = evaluate.circle_stats(images)
     # 3. NLL of every decoded frame (the ends too), and of the real images
     t0 = time.time()
@@ -344,7 +345,7 @@ def reconstruction_stats(decoded, images, x, pairs, nll):
     (black <-> white); centre kept: one circle detected within 1 px of the drawn centre.
     """
     err = (decoded.clamp(-1, 1) - x).abs()
-    grey_hat, grey = images.astype(np.float64).mean(3), toy_circles.to_uint8(x).astype(np.float64).mean(3)
+    grey_hat, grey = images.astype(np.float64).mean(3), plumbing.to_uint8(x).astype(np.float64).mean(3)
     stats = evaluate.circle_stats(images)
     true = np.concatenate([pairs["left_centres"], pairs["right_centres"]]).astype(np.float64)
     dist = np.hypot(stats["cx"] - true[:, 0], stats["cy"] - true[:, 1])  # NaN without one circle
@@ -374,14 +375,14 @@ def run_interp(model, d, args, device):
         plot_strips(strips, os.path.join(args.out, f"strips_{where}.png"),
                     f"pair 0, inverted to level {summary['level']} (t = {summary['t_model']}), N = {args.frames}")
         for name, frames in strips.items():
-            toy_circles.save_grid(frames, os.path.join(args.out, "strips", f"{where}_{_slug(name)}.png"),
+            plumbing.save_grid(frames, os.path.join(args.out, "strips", f"{where}_{_slug(name)}.png"),
                                   nrow=len(frames), scale=max(1, 64 // size))
         plot_centre_paths(paths, size, os.path.join(args.out, f"centres_{where}.png"),
                           f"centre x along each curve ({len(pairs['left'])} pairs), level {summary['level']}")
         print_setting(where, summary)
     results["seconds"] = time.time() - start
-    toy_circles.write_json(results, os.path.join(args.out, "results.json"))
-    toy_circles.write_bytes_atomically(os.path.join(args.out, "report.md"), interp_report(results).encode())
+    plumbing.write_json(results, os.path.join(args.out, "results.json"))
+    plumbing.write_bytes_atomically(os.path.join(args.out, "report.md"), interp_report(results).encode())
     return results
 
 
@@ -423,12 +424,12 @@ def run_edit(model, d, clf, args, device):
     """App. N on left-circle training images; writes edit_grid.png, centre_hist.png, results.json, report.md."""
     start = time.time()
     size = model.config["image_size"]
-    diffusion = ddpm.diffusion_from_config(d, args.steps)
+    diffusion = ddpm.diffusion_from_config(d, args.sample_steps)
     level = chain_level(diffusion, args.invert_frac)
     data = toy_circles.make_circles(size, "left")
-    pick = np.random.default_rng(args.seed).choice(len(data["images"]), args.n, replace=args.n > len(data["images"]))
+    pick = np.random.default_rng(args.seed).choice(len(data["images"]), args.n_samples, replace=args.n_samples > len(data["images"]))
     before, centres = data["images"][pick], data["centres"][pick].astype(np.float64)
-    x = toy_circles.to_tensor(before).to(device)
+    x = plumbing.to_tensor(before).to(device)
     inv, inv_level = inversion_chain(d, args.invert_steps, diffusion.timestep_map[level])
     z = invert(model, inv, x, inv_level, args.batch)                   # eta = 0, no guidance
     eta = app_n_eta(level)
@@ -443,16 +444,16 @@ def run_edit(model, d, clf, args, device):
             cond_fn = multiguide.make_cond_fn(clf, lambdas)            # None for all-zero lambdas
             g = torch.Generator(device=device).manual_seed(args.seed)  # same noise for control and edit
             out = _batched(lambda zb: ddim_loop(model, diffusion, zb, level, eta, cond_fn, g), z, args.batch)
-        images = toy_circles.to_uint8(out)
+        images = plumbing.to_uint8(out)
         runs[name] = dict(edit_stats(centres, images, size), seconds=time.time() - t0)
         runs[name]["images"] = images
         r = runs[name]
         print(f"{name:48s} one circle {r['one_circle']:.2f}  middle band {r['middle_band']:.2f}  "
               f"moved right {r['moved_right']:.2f}  cx {r['cx_before']:.1f} -> {_fmt(r['cx_after'], '.1f')}  "
               f"({r['seconds']:.0f} s)")
-    cols = min(args.n, 16)
+    cols = min(args.n_samples, 16)
     grid = np.concatenate([before[:cols], *[r["images"][:cols] for r in runs.values()]])
-    toy_circles.save_grid(grid, os.path.join(args.out, "edit_grid.png"), nrow=cols, scale=max(1, 64 // size))
+    plumbing.save_grid(grid, os.path.join(args.out, "edit_grid.png"), nrow=cols, scale=max(1, 64 // size))
     plot_edit_hist(toy_circles.normalized_x(centres[:, 0], size), runs, size, os.path.join(args.out, "centre_hist.png"))
     results = dict(config=_config(args), image_size=size, level=level, t_model=int(diffusion.timestep_map[level]),
                    eta=f"eta_i = (i + 1) / {level + 1} at chain step i (App. N: eta_t = t / T_inv)",
@@ -461,8 +462,8 @@ def run_edit(model, d, clf, args, device):
                                                    range=(0.0, 1.0))[0].tolist()),
                    runs={k: {kk: vv for kk, vv in v.items() if kk != "images"} for k, v in runs.items()},
                    seconds=time.time() - start)
-    toy_circles.write_json(results, os.path.join(args.out, "results.json"))
-    toy_circles.write_bytes_atomically(os.path.join(args.out, "report.md"), edit_report(results).encode())
+    plumbing.write_json(results, os.path.join(args.out, "results.json"))
+    plumbing.write_bytes_atomically(os.path.join(args.out, "report.md"), edit_report(results).encode())
     return results
 
 
@@ -505,7 +506,7 @@ def plot_strips(strips, path, title):
     fig.suptitle(title, fontsize=9)
     fig.subplots_adjust(left=2.2 / width, right=0.99, top=1 - 0.35 / fig.get_figheight(),
                         bottom=0.55 / fig.get_figheight(), hspace=0.15)
-    toy_circles.save_figure(fig, path)
+    plumbing.save_figure(fig, path)
 
 
 def plot_centre_paths(paths, size, path, title):
@@ -524,7 +525,7 @@ def plot_centre_paths(paths, size, path, title):
         ax.title.set_fontsize(8)
     fig.suptitle(title + " (gaps: frames without exactly one circle)", fontsize=9)
     fig.tight_layout()
-    toy_circles.save_figure(fig, path)
+    plumbing.save_figure(fig, path)
 
 
 def plot_edit_hist(z_before, runs, size, path):
@@ -542,7 +543,7 @@ def plot_edit_hist(z_before, runs, size, path):
            ylabel="number of images", title="App. N edit of left-circle images: centre x before / after")
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
-    toy_circles.save_figure(fig, path)
+    plumbing.save_figure(fig, path)
 
 
 def interp_report(res):
@@ -550,7 +551,7 @@ def interp_report(res):
     lines = ["# Interpolation between DDIM latents (App. M) on circles", "",
              f"Command: `python latents.py interp {' '.join(sys.argv[2:])}`. {c['pairs']} pairs (a left-circle and a "
              f"right-circle training image, seed {c['seed']}), DDIM (eta = 0) inversion with {c['invert_steps']} and "
-             f"decoding with {c['steps']} respaced steps, N = {c['frames']} intervals per curve, NLL over a "
+             f"decoding with {c['sample_steps']} respaced steps, N = {c['frames']} intervals per curve, NLL over a "
              f"{c['nll_steps']}-step chain for the frames of the first {min(c['nll_pairs'], c['pairs'])} pairs. "
              f"Wall time {res['seconds'] / 60:.1f} min. NLL of the real images: "
              f"{_fmt(res['data_nll_bpd'], '.3f')} bits/dim.", "",
@@ -561,7 +562,7 @@ def interp_report(res):
              "over pairs; energy = sum ||x_{i+1} - x_i||^2 of decoded frames in [-1, 1].", ""]
     for where, s in res["settings"].items():
         r = s["reconstruction"]
-        lines += [f"## Inverted to level {s['level']} of {c['steps']} (t = {s['t_model']}, abar = {s['abar']:.3g})", "",
+        lines += [f"## Inverted to level {s['level']} of {c['sample_steps']} (t = {s['t_model']}, abar = {s['abar']:.3g})", "",
                   f"Reconstruction decode(invert(x)) of the {2 * c['pairs']} real images: mean |err| "
                   f"{r['mean_abs_error']:.4f}, max {r['max_abs_error']:.3f} (pixel values in [-1, 1]); flipped pixels "
                   f"{r['flipped_pixels']:.4%}; one circle {r['one_circle']:.0%}; centre within 1 px "
@@ -585,9 +586,9 @@ def interp_report(res):
 def edit_report(res):
     c = res["config"]
     lines = ["# Attribute editing without mild examples (App. N) on circles", "",
-             f"Command: `python latents.py edit {' '.join(sys.argv[2:])}`. {c['n']} left-circle training images "
+             f"Command: `python latents.py edit {' '.join(sys.argv[2:])}`. {c['n_samples']} left-circle training images "
              f"(seed {c['seed']}), DDIM-inverted (eta = 0, {c['invert_steps']} respaced steps) to t = {res['t_model']} "
-             f"(level {res['level']} of the {c['steps']}-step decoding chain), then decoded three ways. {res['eta']}. The control and the edit share every "
+             f"(level {res['level']} of the {c['sample_steps']}-step decoding chain), then decoded three ways. {res['eta']}. The control and the edit share every "
              f"noise draw. Wall time {res['seconds']:.0f} s.", "",
              "| decoding | one circle | in middle band | moved right > 2 px | mean centre x before -> after (px) | "
              "mean dx | mean abs dy |", "|---|---|---|---|---|---|---|"]
@@ -605,9 +606,10 @@ def edit_report(res):
 # ----------------------------------------------------------------------------------------------
 
 def parse_args(argv):
-    parser = ddpm.OneLineParser(description="DDIM latents of real circles: interpolation (App. M), editing (App. N).")
+    renamed = {"--n": "--n-samples", "--steps": "--sample-steps"}
+    parser = plumbing.OneLineParser(description="DDIM latents of real circles: interpolation (App. M), editing (App. N).")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("interp", help="App. M: curves between the DDIM latents of a left and a right circle")
+    p = sub.add_parser("interp", renamed=renamed, help="App. M: curves between the DDIM latents of a left and a right circle")
     p.add_argument("--pairs", type=int, default=20, help="(left, right) image pairs")
     p.add_argument("--frames", type=int, default=10, help="N, intervals per curve (N + 1 decoded frames, ends included)")
     p.add_argument("--invert-to", choices=["T", "half", "both"], default="both",
@@ -617,22 +619,18 @@ def parse_args(argv):
                    help="pairs whose frames get an NLL (the bound costs ~2.5x the decoding; 10 pairs = 90 frames per method)")
     p.add_argument("--score", action=argparse.BooleanOptionalAction, default=True,
                    help="also the score variant of ProbGEORCE at the T/2 level (lam = 1)")
-    q = sub.add_parser("edit", help="App. N: invert left circles halfway, decode with multi-guidance and eta_t = t/T_inv")
+    q = sub.add_parser("edit", renamed=renamed, help="App. N: invert left circles halfway, decode with multi-guidance and eta_t = t/T_inv")
     q.add_argument("--classifier", required=True, help="noisy classifier checkpoint (kind 'classifier')")
-    q.add_argument("--n", type=int, default=32, help="left-circle images to edit")
-    q.add_argument("--lambdas", default="30,30", help="guidance weight per class (App. N: 30)")
+    plumbing.add_flags(q, n_samples=32)  # left-circle images to edit
+    q.add_argument("--lambdas", type=plumbing.float_list, default=[30.0, 30.0], help="guidance weight per class (App. N: 30)")
     q.add_argument("--invert-frac", type=float, default=0.5, help="inversion level as a fraction of T (App. N: 1/2)")
     for s in (p, q):
         s.add_argument("--ddpm", required=True, help="DDPM checkpoint (kind 'ddpm')")
-        s.add_argument("--out", required=True, help="output folder (created)")
-        s.add_argument("--seed", type=int, default=0, help="fixes the images drawn and every noise draw")
-        s.add_argument("--steps", default="50", help="respaced DDIM steps for decoding (50, ddim50, ...)")
+        plumbing.add_flags(s, "out", "overwrite", "seed", "sample_steps")  # --sample-steps: DDIM decoding
         s.add_argument("--invert-steps", default="250",
                        help="respaced DDIM steps for inversion, finer than decoding (see inversion_chain); "
                             "a number above T means all T steps")
-        s.add_argument("--batch", type=int, default=128, help="images per network call")
-        s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-        s.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores, at most 8)")
+        plumbing.add_flags(s, "batch", "device", "threads")
         s.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA ones")
     args = parser.parse_args(argv)
     sub_parser = p if args.command == "interp" else q
@@ -643,21 +641,12 @@ def parse_args(argv):
         bad += [f"--nll-steps must be a whole number >= 0, got {args.nll_steps!r}"] if not args.nll_steps.isdigit() else []
         bad += [f"--nll-pairs must be >= 0, got {args.nll_pairs}"] if args.nll_pairs < 0 else []
     else:
-        bad += [f"--n must be >= 1, got {args.n}"] if args.n < 1 else []
         bad += [f"--invert-frac must lie in (0, 1], got {args.invert_frac}"] if not 0 < args.invert_frac <= 1 else []
-        try:
-            args.lambdas = [float(v) for v in args.lambdas.split(",")]
-            bad += [f"--lambdas must be finite, got {args.lambdas}"] if not all(map(math.isfinite, args.lambdas)) else []
-        except ValueError:
-            bad.append(f"--lambdas wants comma-separated numbers, got {args.lambdas!r}")
-    bad += [f"--batch must be >= 1, got {args.batch}"] if args.batch < 1 else []
-    bad += [f"--out {args.out} is a file; expected a folder"] if os.path.isfile(args.out) else []
     if bad:
         sub_parser.error(bad[0])
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        sub_parser.error("--device cuda asked for, but no CUDA device is available")
+    plumbing.check_out_folder(args.out)
+    args.device = str(plumbing.check_device(args.device))
+    plumbing.refuse_overwrite(args.out, ["results.json", "report.md"], args.overwrite)
     return sub_parser, args
 
 
@@ -670,7 +659,7 @@ def check_models(parser, args, model, d, clf):
         args.invert_steps = str(d["T"])
     try:
         toy_circles.check_size(model.config["image_size"])
-        ddpm.space_timesteps(d["T"], args.steps)
+        ddpm.space_timesteps(d["T"], args.sample_steps)
         ddpm.space_timesteps(d["T"], args.invert_steps)
         if args.command == "interp" and args.nll_steps != "0":
             ddpm.space_timesteps(d["T"], args.nll_steps)
@@ -683,7 +672,7 @@ def check_models(parser, args, model, d, clf):
 
 def main(argv=None):
     parser, args = parse_args(argv)
-    torch.set_num_threads(args.threads or max(1, min(8, os.cpu_count() or 1)))
+    plumbing.set_threads(args.threads)
     device = torch.device(args.device)
     model, d, clf = multiguide.load_models(args.ddpm, getattr(args, "classifier", None), device=device,
                                            use_ema=not args.no_ema)
@@ -694,4 +683,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    plumbing.guard(main)

@@ -38,12 +38,7 @@ Run
     python multiguide.py --ddpm runs/cfg/ddpm.pt --guidance free --lambdas 3,3 --out runs/cfg/cfg3
     python multiguide.py --help
 """
-import argparse
-import contextlib
-import io
-import json
 import os
-import sys
 
 import numpy as np
 import torch
@@ -52,7 +47,7 @@ import torch.nn.functional as F
 import classifier as classifier_lib
 import ddpm
 import dit
-import toy_circles
+import plumbing
 import unet
 
 
@@ -177,18 +172,18 @@ def load_models(ddpm_ckpt, classifier_ckpt=None, device="cpu", use_ema=True):
     """(model, diffusion_dict, classifier or None), rebuilt from self-describing checkpoints, in eval mode.
 
     The EMA weights are used when present and use_ema is set. Refuses, with one line naming both
-    files (ddpm.CheckpointError, a SystemExit), a classifier whose image size or channels differ
+    files (plumbing.CheckpointError, a SystemExit), a classifier whose image size or channels differ
     from the DDPM's, or whose diffusion (schedule, T) differs: the classifier is called with the
     DDPM's original step indices, which must mean the same noise level to both.
     """
-    ck = ddpm.load_checkpoint(ddpm_ckpt, "ddpm")
+    ck = plumbing.load_checkpoint(ddpm_ckpt, "ddpm")
     try:
         model = BACKBONES[ck.get("backbone", "unet")](**ck["model_config"])
         model.load_state_dict(ck["ema"] if use_ema and ck.get("ema") is not None else ck["model"])
         d = ck["diffusion"]
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ddpm.CheckpointError(f"checkpoint {ddpm_ckpt} does not rebuild its denoiser and diffusion: "
+        raise plumbing.CheckpointError(f"checkpoint {ddpm_ckpt} does not rebuild its denoiser and diffusion: "
                                    f"{reason}") from None
     model = model.to(device).eval()
     if classifier_ckpt is None:
@@ -197,24 +192,13 @@ def load_models(ddpm_ckpt, classifier_ckpt=None, device="cpu", use_ema=True):
     for key in ("image_size", "in_channels"):
         a, b = model.config[key], clf.config[key]
         if a != b:
-            raise ddpm.CheckpointError(f"classifier {classifier_ckpt} has {key} {b} but DDPM {ddpm_ckpt} has "
+            raise plumbing.CheckpointError(f"classifier {classifier_ckpt} has {key} {b} but DDPM {ddpm_ckpt} has "
                                        f"{key} {a}; they must match")
     dc = cc.get("diffusion")
     if dc is not None and (d["schedule"], d["T"]) != (dc["schedule"], dc["T"]):
-        raise ddpm.CheckpointError(f"classifier {classifier_ckpt} was trained on a {dc['schedule']} schedule with "
+        raise plumbing.CheckpointError(f"classifier {classifier_ckpt} was trained on a {dc['schedule']} schedule with "
                                    f"T = {dc['T']}, DDPM {ddpm_ckpt} on {d['schedule']} with T = {d['T']}")
     return model, d, clf
-
-
-def autocast(precision, device):
-    """Mixed precision for the DDPM forward: fp32 none, bf16 (CPU or CUDA), fp16 (CUDA only)."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
-    if precision not in ("bf16", "fp16"):
-        raise ValueError(f"unknown precision {precision!r}; expected fp32, bf16 or fp16")
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def sample(model, diffusion_dict, n, *, classifier=None, lambdas=None, respacing="50", sampler="ddpm", eta=0.0,
@@ -261,7 +245,7 @@ def sample(model, diffusion_dict, n, *, classifier=None, lambdas=None, respacing
     out = []
     for start in range(0, n, batch):
         b = min(batch, n - start)
-        with autocast(precision, device):  # multi_guidance_grad switches autocast off for g
+        with plumbing.autocast(precision, device):  # multi_guidance_grad switches autocast off for g
             x = diffusion.sample_loop(net, (b, C, S, S), sampler=sampler, eta=eta, cond_fn=cond_fn,
                                       generator=g, device=device, progress=progress)
         out.append(x.float().cpu())
@@ -273,53 +257,44 @@ def sample(model, diffusion_dict, n, *, classifier=None, lambdas=None, respacing
 # ----------------------------------------------------------------------------------------------
 
 def parse_args(argv):
-    parser = ddpm.OneLineParser(description="Sample a DDPM with multi-guidance (paper Sec. 4.2, Eq. 2).")
+    parser = plumbing.OneLineParser(description="Sample a DDPM with multi-guidance (paper Sec. 4.2, Eq. 2).",
+                                    renamed={"--n": "--n-samples", "--steps": "--sample-steps"})
     parser.add_argument("--ddpm", required=True, help="DDPM checkpoint (kind 'ddpm')")
     parser.add_argument("--classifier", default=None, help="noisy classifier checkpoint (kind 'classifier')")
     parser.add_argument("--guidance", choices=["classifier", "free"], default="classifier",
                         help="classifier: the noisy classifier's gradient (Eq. 2); free: classifier-free "
                              "multi-guidance of a class-conditional DDPM (App. J), no --classifier")
-    parser.add_argument("--lambdas", default=None,
+    parser.add_argument("--lambdas", type=plumbing.float_list, default=None,
                         help="one guidance weight per class, e.g. 30,30 (Sec. 5.5; default: 30 per class "
                              "with --classifier, else 0,0 = unconditional); 0,30 = single-class guidance")
-    parser.add_argument("--n", type=int, default=256, help="number of samples")
-    parser.add_argument("--steps", default="50", help="respaced sampling steps: 50, 250, 10,15,20 or ddim50")
+    plumbing.add_flags(parser, "n_samples", "sample_steps")
     parser.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="ancestral or DDIM")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 = deterministic)")
-    parser.add_argument("--batch", type=int, default=128, help="samples per batch")
-    parser.add_argument("--seed", type=int, default=0, help="fixes every random draw of the samples")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    plumbing.add_flags(parser, "batch", "seed", "device", "threads")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                         help="autocast of the DDPM forward (fp16 needs CUDA); the guidance is always fp32")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA ones")
-    parser.add_argument("--out", required=True, help="output folder (created)")
+    plumbing.add_flags(parser, "out", "overwrite")
     args = parser.parse_args(argv)
-    if args.n < 1:
-        parser.error(f"--n must be positive, got {args.n}")
     if args.guidance == "free" and args.classifier is not None:
         parser.error("--guidance free uses the DDPM's own labels; drop --classifier")
-    if args.batch < 1:
-        parser.error(f"--batch must be positive, got {args.batch}")
-    if os.path.isfile(args.out):
-        parser.error(f"--out {args.out} is a file; expected a folder")
-    if args.lambdas is not None:
-        try:
-            args.lambdas = [float(v) for v in args.lambdas.split(",")]
-        except ValueError:
-            parser.error(f"--lambdas wants comma-separated numbers, got {args.lambdas!r}")
-        if any(not np.isfinite(v) for v in args.lambdas):
-            parser.error(f"--lambdas must be finite, got {args.lambdas}")
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("--device cuda asked for, but no CUDA device is available")
+    plumbing.check_out_folder(args.out)
+    args.device = str(plumbing.check_device(args.device))
     if args.precision == "fp16" and not args.device.startswith("cuda"):
         parser.error("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+    plumbing.set_threads(args.threads)
     return parser, args
 
 
 def main(argv=None):
     parser, args = parse_args(argv)
+    plumbing.refuse_overwrite(args.out, ["samples.npz", "samples.png", "samples.json"], args.overwrite)
+    with plumbing.RunLock(args.out):
+        return run(parser, args)
+
+
+def run(parser, args):
+    """Check the checkpoints and the weights against each other, sample, write samples.npz/png/json."""
     model, d, clf = load_models(args.ddpm, args.classifier, device=args.device, use_ema=not args.no_ema)
     if args.guidance == "free":
         if not getattr(model, "num_classes", 0):
@@ -337,25 +312,23 @@ def main(argv=None):
         parser.error(f"--lambdas gives {len(args.lambdas)} weights, but classifier {args.classifier} has "
                      f"{clf.num_classes} classes")
     try:
-        ddpm.space_timesteps(d["T"], args.steps)
+        ddpm.space_timesteps(d["T"], args.sample_steps)
     except ValueError as e:
-        parser.error(f"--steps: {e}")
+        parser.error(f"--sample-steps: {e}")
     print(f"multiguide | DDPM {args.ddpm} | {args.guidance} guidance | classifier {args.classifier} | "
           f"lambdas {args.lambdas} | "
-          f"{args.n} samples, {args.steps} {args.sampler} steps, seed {args.seed} | out {os.path.abspath(args.out)}")
-    x = sample(model, d, args.n, classifier=clf, lambdas=args.lambdas, respacing=args.steps, sampler=args.sampler,
+          f"{args.n_samples} samples, {args.sample_steps} {args.sampler} steps, seed {args.seed} | out {os.path.abspath(args.out)}")
+    x = sample(model, d, args.n_samples, classifier=clf, lambdas=args.lambdas, respacing=args.sample_steps, sampler=args.sampler,
                eta=args.eta, batch=args.batch, seed=args.seed, device=args.device, precision=args.precision,
                guidance=args.guidance)
-    images = toy_circles.to_uint8(x)                                         # (N, S, S, 3) uint8
-    buf = io.BytesIO()
-    np.savez(buf, images=images, lambdas=np.asarray(args.lambdas, dtype=np.float64))
-    toy_circles.write_bytes_atomically(os.path.join(args.out, "samples.npz"), buf.getvalue())
+    images = plumbing.to_uint8(x)                                         # (N, S, S, 3) uint8
+    plumbing.write_npz(os.path.join(args.out, "samples.npz"), images=images,
+                       lambdas=np.asarray(args.lambdas, dtype=np.float64))
     S = images.shape[1]
-    toy_circles.save_grid(images[:64], os.path.join(args.out, "samples.png"), scale=max(1, 64 // S))
-    toy_circles.write_bytes_atomically(os.path.join(args.out, "samples.json"),
-                                       (json.dumps(vars(args), indent=2) + "\n").encode())
+    plumbing.save_grid(images[:64], os.path.join(args.out, "samples.png"), scale=max(1, 64 // S))
+    plumbing.write_json(vars(args), os.path.join(args.out, "samples.json"))
     print(f"wrote {len(images)} samples of {S}x{S} to {os.path.join(args.out, 'samples.npz')} and samples.png")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    plumbing.guard(main)

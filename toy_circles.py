@@ -31,20 +31,15 @@ label = 1{x >= S/2} + 2 * 1{y >= S/2}: 0 top-left, 1 top-right, 2 bottom-left, 3
 grow downwards). The unseen "centre square" for its evaluation is z_x and z_y both in MIDDLE_BAND.
 A left-right flip toggles the x bit of the label (label ^ 1), which is 0 <-> 1 for the circles too.
 
-This file also holds save_grid, the one PNG image-grid writer of the project.
-
 Run:  python toy_circles.py --out out/circles --size 32 --region train
 """
 import argparse
-import io
-import json
 import math
 import os
-import tempfile
 
-import cv2
 import numpy as np
-import torch
+
+import plumbing
 
 PAPER_SIZE = 64                 # the paper's image side
 PAPER_RADIUS = 2.0              # disc radius at 64 x 64 (Section 5.5: "a radius of two pixels")
@@ -136,86 +131,6 @@ def make_circles(size=64, region="train", radius=None):
     if region == "corners":
         labels += 2 * (ys >= size // 2)                            # App. F: the quadrant, 0..3
     return dict(images=images, labels=labels, centres=np.stack([xs, ys], axis=1))
-
-
-def to_tensor(images):
-    """uint8 (N, S, S, 3) in [0, 255] -> float32 tensor (N, 3, S, S) in [-1, 1] (v / 127.5 - 1)."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # (N, 3, S, S)
-    return x.to(torch.float32) / 127.5 - 1.0
-
-
-def to_uint8(x):
-    """float tensor (N, 3, S, S) in [-1, 1] -> uint8 array (N, S, S, 3): clamp, rescale, round."""
-    x = ((x.detach().float().clamp(-1.0, 1.0) + 1.0) * 127.5).round()
-    return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # (N, S, S, 3)
-
-
-def random_hflip(x, labels, generator):
-    """Flip each sample left-right with probability 1/2; a flipped sample's label toggles its x bit.
-
-    x: (B, C, H, W) tensor, labels: (B,) int tensor, {0, 1} (left/right: 0 <-> 1) or the quadrants
-    0..3 of region "corners" (0 <-> 1, 2 <-> 3); label ^ 1 does both. Draws B uniforms from `generator`.
-    """
-    flip = torch.rand(x.shape[0], generator=generator, device=generator.device).to(x.device) < 0.5
-    x = torch.where(flip[:, None, None, None], x.flip(-1), x)  # column c -> W - 1 - c
-    labels = torch.where(flip, labels ^ 1, labels)
-    return x, labels
-
-
-def write_bytes_atomically(path, data):
-    """Write bytes to path through a temporary file in the same folder and os.replace (no half files)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def write_json(obj, path):
-    """obj as indented JSON, written atomically (the results files every script writes)."""
-    write_bytes_atomically(path, (json.dumps(obj, indent=2) + "\n").encode())
-
-
-def save_figure(fig, path):
-    """Render a matplotlib Figure (no pyplot, no global backend) to PNG, written atomically."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # only the scripts that plot pay for matplotlib
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    write_bytes_atomically(path, buf.getvalue())
-
-
-def save_grid(images, path, nrow=None, scale=1):
-    """Tile N uint8 images (N, H, W, 3) or (N, H, W) into one PNG, nrow images per row.
-
-    nrow defaults to ceil(sqrt(N)). Each tile is upscaled by `scale` (nearest neighbour), tiles are
-    separated by 1-pixel grey (128) lines, and empty cells are grey. The PNG is
-    (rows * H * scale + rows - 1) x (nrow * W * scale + nrow - 1) pixels, rows = ceil(N / nrow).
-    """
-    images = np.asarray(images)
-    if images.ndim == 3:
-        images = np.repeat(images[..., None], 3, axis=3)           # grey -> RGB
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3 or len(images) == 0:
-        raise ValueError(f"save_grid expects uint8 (N, H, W, 3) with N >= 1, got {images.dtype} {images.shape}")
-    n, h, w, _ = images.shape
-    nrow = int(nrow or math.ceil(math.sqrt(n)))
-    rows = math.ceil(n / nrow)
-    th, tw = h * scale, w * scale                                  # tile size after upscaling
-    grid = np.full((rows * th + rows - 1, nrow * tw + nrow - 1, 3), 128, dtype=np.uint8)
-    tiles = images.repeat(scale, axis=1).repeat(scale, axis=2)     # (N, th, tw, 3)
-    for i, tile in enumerate(tiles):
-        r, c = divmod(i, nrow)
-        grid[r * (th + 1): r * (th + 1) + th, c * (tw + 1): c * (tw + 1) + tw] = tile
-    ok, png = cv2.imencode(".png", cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))  # cv2 wants BGR
-    if not ok:
-        raise RuntimeError(f"cv2 could not encode the grid for {path}")
-    write_bytes_atomically(path, png.tobytes())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -350,7 +265,7 @@ def _size_arg(text):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Write a grid PNG of the circles data set (paper Section 5.5).")
+    parser = plumbing.OneLineParser(description="Write a grid PNG of the circles data set (paper Section 5.5).")
     parser.add_argument("--out", required=True, help="output folder (created)")
     parser.add_argument("--size", type=_size_arg, default=64, help="image side, 64 / k (64 = paper, 32 = CPU preset)")
     parser.add_argument("--region", choices=REGIONS, default="train", help="which centres to draw")
@@ -359,7 +274,7 @@ def main(argv=None):
     data = make_circles(args.size, args.region)
     xs, ys = data["centres"][:, 0], data["centres"][:, 1]
     path = os.path.join(args.out, f"circles_{args.region}_{args.size}.png")
-    save_grid(data["images"], path, scale=max(1, PAPER_SIZE // args.size))  # small images shown at 64 px
+    plumbing.save_grid(data["images"], path, scale=max(1, PAPER_SIZE // args.size))  # small images shown at 64 px
     print(f"{len(xs)} images of {args.size}x{args.size}, radius {default_radius(args.size):g}, region {args.region}")
     print(f"labels: {int((data['labels'] == 0).sum())} left (0), {int((data['labels'] == 1).sum())} right (1)")
     print(f"x in {sorted(set(xs.tolist()))}, y in {ys.min()}..{ys.max()}")
@@ -367,4 +282,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    plumbing.guard(main)

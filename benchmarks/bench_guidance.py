@@ -48,6 +48,7 @@ import torch  # noqa: E402
 import classifier as classifier_lib  # noqa: E402
 import ddpm  # noqa: E402
 import multiguide  # noqa: E402
+import plumbing  # noqa: E402
 import unet  # noqa: E402
 
 TARGET_RATIO = 2.5  # the target: a guided step costs at most 2.5x an unguided one
@@ -146,7 +147,7 @@ def print_table(summary):
 
 
 def parse_args(argv):
-    parser = ddpm.OneLineParser(description="Time one multi-guided ancestral step against one unguided step "
+    parser = plumbing.OneLineParser(description="Time one multi-guided ancestral step against one unguided step "
                                             "(App. C: one classifier forward + backward for all classes).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--unet", choices=sorted(unet.PRESETS), default="cpu", help="U-Net preset in unet.py")

@@ -29,12 +29,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import ddpm  # noqa: E402  (only for OneLineParser)
 import evaluate  # noqa: E402
+import plumbing  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = ddpm.OneLineParser(description=__doc__.split("\n\n")[0])
+    p = plumbing.OneLineParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--refs", type=int, default=60000, help="training images (CelebA kept faces: about 60k)")
     p.add_argument("--queries", type=int, default=256, help="generated samples")
     p.add_argument("--size", type=int, default=64, help="image side S (images are S x S x 3)")

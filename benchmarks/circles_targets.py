@@ -45,7 +45,7 @@ TRAIN = REPO / "train.py"
 if __name__ == "__main__":  # as a script: make zsi importable
     sys.path.insert(0, str(REPO))
 
-import ddpm  # noqa: E402  (only for OneLineParser)
+import plumbing  # noqa: E402
 
 # What is checked: the figure's key, its label, the comparison and threshold, how the seeds are
 # combined for the verdict ("worst" seed or their "mean"), and how a value is printed.
@@ -62,7 +62,7 @@ COMPARE = {"<=": lambda v, th: v <= th, "<": lambda v, th: v < th, ">=": lambda 
 
 def parse_args(argv):
     """-> (args, train_args): this script's options, and the list passed on to train.py."""
-    parser = ddpm.OneLineParser(description="Run `python train.py --data circles` and check the issue's targets: wall "
+    parser = plumbing.OneLineParser(description="Run `python train.py --data circles` and check the issue's targets: wall "
                                  "time, peak memory, accuracy, bad fraction, unconditional accuracy.",
                      epilog="Any other option goes to train.py unchanged, as does everything after a lone "
                             "'--' (e.g. circles_targets.py --out /tmp/ct -- --unet tiny --steps 10). "

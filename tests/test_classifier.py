@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import classifier as C
 import ddpm
+import plumbing
 import toy_circles
 import unet
 
@@ -222,7 +223,7 @@ def test_cli_writes_png_and_json(tmp_path):
     m = perturbed(C.build_classifier("tiny"))
     ema = perturbed(C.build_classifier("tiny"), seed=1)
     ckpt = str(tmp_path / "clf.pt")
-    ddpm.save_checkpoint(ckpt, dict(kind="classifier", model_config=m.config, diffusion=DIFFUSION,
+    plumbing.save_checkpoint(ckpt, dict(kind="classifier", model_config=m.config, diffusion=DIFFUSION,
                                     model=m.state_dict(), ema=ema.state_dict()))
     model, _ = C.load_classifier(ckpt)
     assert torch.equal(model.time_embed[0].weight, ema.time_embed[0].weight)   # EMA weights by default

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import ddpm
 import multiguide
+import plumbing
 import toy_circles
 import unet
 from conftest import ENV, perturbed
@@ -202,7 +203,7 @@ def test_overfits_eight_images_with_eps_prediction():
     """150 AdamW steps of L_simple (App. A.3) on 8 discs: the loss on a fixed set of (t, eps) draws falls > 3x."""
     torch.manual_seed(0)
     data = toy_circles.make_circles(16, region="all", radius=2.5)
-    x0 = toy_circles.to_tensor(data["images"][:: len(data["images"]) // 8][:8])  # (8, 3, 16, 16)
+    x0 = plumbing.to_tensor(data["images"][:: len(data["images"]) // 8][:8])  # (8, 3, 16, 16)
     diffusion = ddpm.Diffusion(ddpm.get_betas("cosine", 1000), learn_sigma=False, loss="simple")
     model = build_dit("tiny", learn_sigma=False)
     g = torch.Generator().manual_seed(1)

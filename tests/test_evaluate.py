@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import evaluate as ev
+import plumbing
 import toy_circles as tc
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -332,10 +333,10 @@ def test_cli_loss_by_t_recomputes_and_refuses_bad_input(tmp_path):
     net = unet.build_unet("tiny")
     diffusion = dict(schedule="cosine", T=100, learn_sigma=True, loss="hybrid", respacing="")
     ckpt = str(tmp_path / "ddpm.pt")
-    ddpm.save_checkpoint(ckpt, dict(kind="ddpm", backbone="unet", model_config=net.config, diffusion=diffusion,
+    plumbing.save_checkpoint(ckpt, dict(kind="ddpm", backbone="unet", model_config=net.config, diffusion=diffusion,
                                     step=7, model=net.state_dict(), ema=net.state_dict()))
     out = str(tmp_path / "loss")
-    ev.main(["loss-by-t", "--ddpm", ckpt, ckpt, "--train", "circles", "--n", "20", "--seed", "1", "--out", out])
+    ev.main(["loss-by-t", "--ddpm", ckpt, ckpt, "--train", "circles", "--n-images", "20", "--seed", "1", "--out", out])
     rec = json.loads(open(os.path.join(out, "loss_by_t.json")).read())
     assert rec["n"] == 20 and len(rec["checkpoints"]) == 2 and rec["checkpoints"][0]["step"] == 7
     row = rec["checkpoints"][0]
@@ -344,7 +345,7 @@ def test_cli_loss_by_t_recomputes_and_refuses_bad_input(tmp_path):
     images = tc.make_circles(16, "train")["images"]                       # the tiny U-Net is 16 x 16
     pick = np.sort(np.random.default_rng(1).permutation(len(images))[:20])
     net.eval()
-    direct = ddpm.diffusion_from_config(diffusion).losses_by_timestep(net, tc.to_tensor(images[pick]), row["t"], seed=1)
+    direct = ddpm.diffusion_from_config(diffusion).losses_by_timestep(net, plumbing.to_tensor(images[pick]), row["t"], seed=1)
     assert np.allclose(row["mse"], direct["mse"], rtol=1e-6) and np.allclose(row["vb"], direct["vb"], rtol=1e-6)
     assert open(os.path.join(out, "loss_by_t.png"), "rb").read(4) == b"\x89PNG"
     bad = str(tmp_path / "bad")

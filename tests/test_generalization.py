@@ -12,6 +12,7 @@ import torch
 
 import ddpm
 import generalization as gen
+import plumbing
 import toy_circles as tc
 
 from conftest import ENV, ROOT  # noqa: E402
@@ -61,7 +62,7 @@ def test_identical_models_from_the_same_x_T_agree_exactly():
     # two copies of one model, DDIM eta = 0 from the same seed: centre distance 0 and cosine 1;
     # the oracle's samples are its disc, so a second oracle shifted by 1.5 px lands 1.5 px away
     diffusion = ddpm.diffusion_from_config(D_CFG)
-    target = tc.to_tensor(disc(12.3, 17.8))
+    target = plumbing.to_tensor(disc(12.3, 17.8))
     a = OracleDenoiser(target, diffusion)
     cfg = gen.GenConfig(sample_steps="10", T=100)
     rt = type("RT", (), {"device": torch.device("cpu")})()
@@ -70,7 +71,7 @@ def test_identical_models_from_the_same_x_T_agree_exactly():
     pair = gen.compare_pair(s1, s2, 2.5)
     assert np.array_equal(pair["centre_dist"], np.zeros(6)) and np.allclose(pair["cos01"], 1.0)
     assert np.abs(s1.astype(int) - disc(12.3, 17.8).astype(int)).max() <= 1   # the sample is the disc
-    shifted = OracleDenoiser(tc.to_tensor(disc(13.8, 17.8)), diffusion)
+    shifted = OracleDenoiser(plumbing.to_tensor(disc(13.8, 17.8)), diffusion)
     pair = gen.compare_pair(s1, gen.sample_images(shifted, D_CFG, 6, cfg, rt, seed=5), 2.5)
     assert np.allclose(pair["centre_dist"], 1.5, atol=0.05)
 
@@ -135,7 +136,7 @@ def test_denoiser_of_y_matches_the_eps_parametrisation():
     xt = math.sqrt(abar) * ys
     ref = diffusion.pred_x0_from_eps(xt, torch.full((2,), t), c * xt)
     assert torch.allclose(torch.stack([f(y) for y in ys]), ref, atol=1e-5)
-    oracle = OracleDenoiser(tc.to_tensor(disc(3.2, 4.1, 1.5, 8)), diffusion)
+    oracle = OracleDenoiser(plumbing.to_tensor(disc(3.2, 4.1, 1.5, 8)), diffusion)
     f, _ = gen.denoiser(oracle, diffusion, t)
     y = torch.randn(1, 1, 8, 8)
     assert torch.allclose(f(y[0]), oracle.target[0], atol=1e-4)
@@ -143,8 +144,8 @@ def test_denoiser_of_y_matches_the_eps_parametrisation():
 
 
 TINY = ["--quick", "--size", "16", "--radius", "2", "--ns", "2,8", "--pool", "32", "--steps", "10", "--batch", "8",
-        "--m", "4", "--n-eval", "8", "--eval-t", "5,50", "--jac-t", "5,50", "--T", "100", "--twist-n", "8",
-        "--twist-m", "4", "--clf-steps", "5", "--channels", "8", "--clf-channels", "8", "--sample-steps", "5",
+        "--n-samples", "4", "--n-eval", "8", "--eval-t", "5,50", "--jac-t", "5,50", "--T", "100", "--twist-n", "8",
+        "--twist-n-samples", "4", "--clf-steps", "5", "--channels", "8", "--clf-channels", "8", "--sample-steps", "5",
         "--threads", "1", "--init", "both"]
 
 
@@ -176,10 +177,10 @@ def test_tiny_end_to_end_run_and_resume(tmp_path):
 
 
 @pytest.mark.parametrize("args, words", [(["--ns", "8,5000", "--pool", "8192"], "larger than half the pool"),
-                                         (["--m", "0"], "--m"), (["--preset", "huge"], "invalid choice"),
+                                         (["--n-samples", "0"], "--n-samples"), (["--preset", "huge"], "invalid choice"),
                                          (["--quick", "--ns", "8,x"], "--ns"), (["--lambdas", "30"], "--lambdas")])
 def test_bad_input_is_one_line_and_exit_status_2(args, words, capsys):
-    # the CLI's parser (ddpm.OneLineParser), called as main() calls it: SystemExit(2), one stderr line
+    # the CLI's parser (plumbing.OneLineParser), called as main() calls it: SystemExit(2), one stderr line
     with pytest.raises(SystemExit) as exit_info:
         gen.parse_config(args)
     err = capsys.readouterr().err

@@ -11,7 +11,9 @@ import torch
 
 import ddpm
 import evaluate
+import fit
 import multiguide as mg
+import plumbing
 import toy_circles as tc
 import train
 import unet
@@ -90,14 +92,14 @@ class SpyNet:
 def test_label_dropout_rate_and_flipped_labels_and_unchanged_draws():
     # App. J / PAPER_FACTS: labels become the null label (2) with probability 0.1
     data = tc.make_circles(16, "train")
-    x0, labels = tc.to_tensor(data["images"]), torch.as_tensor(data["labels"])
+    x0, labels = plumbing.to_tensor(data["images"]), torch.as_tensor(data["labels"])
     rec, rec0 = Recorder(), Recorder()
-    cond = train.ddpm_loss(rec, x0, labels=labels, label_dropout=0.1)
-    plain = train.ddpm_loss(rec0, x0)
+    cond = fit.ddpm_loss(rec, x0, labels=labels, label_dropout=0.1)
+    plain = fit.ddpm_loss(rec0, x0)
     nulls = []
     for step in range(20):
-        terms = cond(SpyNet(), 500, train.step_generator(0, 0, 0, step, "cpu"))
-        plain(SpyNet(), 500, train.step_generator(0, 0, 0, step, "cpu"))
+        terms = cond(SpyNet(), 500, fit.step_generator(0, 0, 0, step, "cpu"))
+        plain(SpyNet(), 500, fit.step_generator(0, 0, 0, step, "cpu"))
         c, p = rec.calls[-1], rec0.calls[-1]
         y = c["y"]
         null = y == 2
@@ -111,8 +113,8 @@ def test_label_dropout_rate_and_flipped_labels_and_unchanged_draws():
         nulls.append(null.float().mean().item())
     rate, sd = np.mean(nulls), np.sqrt(0.1 * 0.9 / 10_000)
     assert abs(rate - 0.1) < 4 * sd, rate                          # 10,000 Bernoulli(0.1) draws
-    none = train.ddpm_loss(Recorder(), x0, labels=labels, label_dropout=0.0)
-    assert none(SpyNet(), 500, train.step_generator(0, 0, 0, 0, "cpu"))["null_label"].sum() == 0
+    none = fit.ddpm_loss(Recorder(), x0, labels=labels, label_dropout=0.0)
+    assert none(SpyNet(), 500, fit.step_generator(0, 0, 0, 0, "cpu"))["null_label"].sum() == 0
 
 
 # --- the classifier-free mix -------------------------------------------------------------------
@@ -212,11 +214,11 @@ def test_cfg_run_end_to_end_writes_the_lambda_table(tmp_path):
     assert np.array_equal(np.load(out / "samples" / "sweep_lambda0.npz")["images"], uncond)
     assert "classifier-free: accuracy" in (out / "report.md").read_text()
     assert set(res["regressor"]) >= {"regressor", "detector", "mean_abs_difference"}
-    ckpt = ddpm.load_checkpoint(str(out / "ddpm.pt"), "ddpm")
+    ckpt = plumbing.load_checkpoint(str(out / "ddpm.pt"), "ddpm")
     assert ckpt["model_config"]["num_classes"] == 2 and all(0 <= row["null_label"] <= 1 for row in ckpt["log"])
     model, _, _ = mg.load_models(str(out / "ddpm.pt"))
     assert model.num_classes == 2
-    r = run_cli("--ddpm", str(out / "ddpm.pt"), "--guidance", "free", "--lambdas", "3,3", "--n", "2", "--steps", "3",
+    r = run_cli("--ddpm", str(out / "ddpm.pt"), "--guidance", "free", "--lambdas", "3,3", "--n-samples", "2", "--sample-steps", "3",
                 "--out", str(tmp_path / "mg"), script="multiguide.py")
     assert r.returncode == 0 and np.load(tmp_path / "mg" / "samples.npz")["images"].shape == (2, 16, 16, 3)
 
@@ -240,7 +242,7 @@ def test_bad_input_one_line_and_nonzero_exit(tmp_path, capsys):
         assert message in refused(train.main, [*TINY, *args, "--out", str(tmp_path / "x")], capsys), args
     assert not (tmp_path / "x").exists()
     path = str(tmp_path / "uncond.pt")
-    ddpm.save_checkpoint(path, dict(kind="ddpm", model_config=unet.build_unet("tiny").config, diffusion=DIFFUSION,
+    plumbing.save_checkpoint(path, dict(kind="ddpm", model_config=unet.build_unet("tiny").config, diffusion=DIFFUSION,
                                     model=unet.build_unet("tiny").state_dict()))
     for args, message in [(["--guidance", "free"], "is unconditional"),
                           (["--guidance", "free", "--classifier", path], "drop --classifier")]:
@@ -264,8 +266,8 @@ def test_corners_region_geometry_and_labels(size):
     inside = (z >= tc.MIDDLE_BAND[0]) & (z <= tc.MIDDLE_BAND[1])
     assert not inside.any()                                        # no coordinate even in the middle band
     # a left-right flip mirrors the image and toggles the x bit of the quadrant: 0 <-> 1, 2 <-> 3
-    x = tc.to_tensor(data["images"])
-    x2, y2 = tc.random_hflip(x, torch.as_tensor(labels), torch.Generator().manual_seed(0))
+    x = plumbing.to_tensor(data["images"])
+    x2, y2 = fit.random_hflip(x, torch.as_tensor(labels), torch.Generator().manual_seed(0))
     flipped = ~torch.isclose(x2, x).all(dim=(1, 2, 3))
     assert flipped.any() and (~flipped).any()
     assert torch.equal(y2[flipped], torch.as_tensor(labels)[flipped] ^ 1)
@@ -297,7 +299,7 @@ def test_regressor_recovers_x_on_held_out_positions(tmp_path):
     held = np.random.default_rng(0).random(len(data["labels"])) < 0.2
     cfg = train.Config(out=str(tmp_path), image_size=16, clf="tiny", regressor_steps=300, clf_lr=1e-3,
                        clf_batch=16, log_every=50, threads=1)
-    model, log = train.train_regressor(cfg, train.Runtime(0, 1, torch.device("cpu")),
+    model, log = train.train_regressor(cfg, fit.Runtime(0, 1, torch.device("cpu")),
                                        {k: v[~held] for k, v in data.items()})
     assert log[-1]["loss"] < 0.1 * log[0]["loss"]
     pred = evaluate.regressor_scores(model, data["images"][held])                 # (N, 2) in (0, 1)
@@ -306,4 +308,4 @@ def test_regressor_recovers_x_on_held_out_positions(tmp_path):
     g = evaluate.regressor_vs_detector(pred, evaluate.circle_stats(data["images"][held]))
     assert g["n_one_circle"] == held.sum() and g["mean_abs_difference"] < 0.5 / 16
     assert set(g["regressor"]) == {"unit", "data"} and g["regressor"]["unit"]["kld"] >= 0
-    assert ddpm.load_checkpoint(str(tmp_path / "regressor.pt"), "regressor")["model_config"]["num_classes"] == 2
+    assert plumbing.load_checkpoint(str(tmp_path / "regressor.pt"), "regressor")["model_config"]["num_classes"] == 2

@@ -236,7 +236,7 @@ def run_cli(*args, timeout=60):
 
 
 def test_twod_cli_writes_loglikelihoods_that_rise_with_lambda(tmp_path):
-    r = run_cli("twod", "--out", str(tmp_path), "--n", "20", "--samples", "200", "--max-iter", "300")
+    r = run_cli("twod", "--out", str(tmp_path), "--intervals", "20", "--n-samples", "200", "--max-iter", "300")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "wall time" in r.stdout
     res = json.loads((tmp_path / "results.json").read_text())
@@ -263,7 +263,7 @@ def test_bad_cli_input_in_a_real_process_gives_one_line_and_exit_2():
 
 @pytest.mark.parametrize("args, message", [
     (["twod"], "--out"),
-    (["twod", "--out", "x", "--n", "1"], "--n"),
+    (["twod", "--out", "x", "--intervals", "1"], "--intervals"),
     (["twod", "--out", "x", "--max-iter", "0"], "--max-iter"),
     (["bench", "--d", "2"], "--d"),
     (["sideways"], "invalid choice"),

@@ -16,6 +16,7 @@ import torch
 import classifier as C
 import ddpm
 import latents
+import plumbing
 import toy_circles
 import unet
 
@@ -120,7 +121,7 @@ def ddim_float64(model64, d, x, level, up):
 def test_invert_and_decode_match_a_float64_ddim_recursion(model, model64):
     d = chain("10")
     images = toy_circles.make_circles(16, "train")["images"][[0, 60]]   # a left and a right circle
-    x = toy_circles.to_tensor(images)
+    x = plumbing.to_tensor(images)
     for level in (5, 9):
         z = latents.invert(model, d, x, level)
         ref = ddim_float64(model64, d, x, level, up=True)
@@ -243,7 +244,7 @@ def test_variational_bound_on_a_respaced_chain_matches_float64(model, model64):
     # App. A.3, Eq. 9 on a 7-step respacing of T = 100: calc_bpd_loop works on the respaced process.
     images = toy_circles.make_circles(16, "train")["images"][[3, 70]]
     nll = latents.nll_bpd(model, DIFFUSION, images, steps="7", seed=5)
-    ref = bound_float64(model64, chain("7"), toy_circles.to_tensor(images), seed=5).numpy()
+    ref = bound_float64(model64, chain("7"), plumbing.to_tensor(images), seed=5).numpy()
     assert nll.shape == (2,) and np.all(nll > 0)
     np.testing.assert_allclose(nll, ref, rtol=1e-5)                     # measured: 2e-7
 
@@ -255,11 +256,11 @@ def checkpoints(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ckpt")
     torch.manual_seed(1)
     net = perturbed(unet.build_unet("tiny"), seed=1, std=0.02)
-    ddpm.save_checkpoint(str(folder / "ddpm.pt"), dict(kind="ddpm", model_config=net.config, diffusion=DIFFUSION,
+    plumbing.save_checkpoint(str(folder / "ddpm.pt"), dict(kind="ddpm", model_config=net.config, diffusion=DIFFUSION,
                                                        model=net.state_dict(), ema=net.state_dict()))
     for name, size in (("clf.pt", 16), ("clf32.pt", 32)):
         clf = perturbed(C.build_classifier("tiny", image_size=size), seed=2)
-        ddpm.save_checkpoint(str(folder / name), dict(kind="classifier", model_config=clf.config, diffusion=DIFFUSION,
+        plumbing.save_checkpoint(str(folder / name), dict(kind="classifier", model_config=clf.config, diffusion=DIFFUSION,
                                                       model=clf.state_dict(), ema=None))
     return folder
 
@@ -272,7 +273,7 @@ def run_cli(*args):
 def test_interp_and_edit_cli_end_to_end(checkpoints, tmp_path):
     out = tmp_path / "interp"
     r = run_cli("interp", "--ddpm", str(checkpoints / "ddpm.pt"), "--out", str(out), "--pairs", "2", "--frames", "3",
-                "--steps", "5", "--nll-steps", "3")
+                "--sample-steps", "5", "--nll-steps", "3")
     assert r.returncode == 0, r.stderr
     res = json.loads((out / "results.json").read_text())
     assert set(res["settings"]) == {"T", "half"} and res["data_nll_bpd"] > 0
@@ -288,7 +289,7 @@ def test_interp_and_edit_cli_end_to_end(checkpoints, tmp_path):
         assert (out / name).stat().st_size > 100, name
     out = tmp_path / "edit"
     r = run_cli("edit", "--ddpm", str(checkpoints / "ddpm.pt"), "--classifier", str(checkpoints / "clf.pt"),
-                "--out", str(out), "--n", "3", "--steps", "5")
+                "--out", str(out), "--n-samples", "3", "--sample-steps", "5")
     assert r.returncode == 0, r.stderr
     res = json.loads((out / "results.json").read_text())
     assert res["level"] == 2 and len(res["runs"]) == 3

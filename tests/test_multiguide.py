@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import classifier as C
 import ddpm
 import multiguide as mg
+import plumbing
 import unet
 
 from conftest import ENV, ROOT, perturbed  # noqa: E402
@@ -177,11 +178,12 @@ def test_sample_refuses_bad_arguments(denoiser, clf):
         mg.sample(denoiser, DIFFUSION, 1, lambdas=[0.0, 1.0], progress=False)
     with pytest.raises(ValueError, match="3 guidance weight"):
         mg.sample(denoiser, DIFFUSION, 1, classifier=clf, lambdas=[1.0, 1.0, 1.0], progress=False)
-    with pytest.raises(ValueError, match="fp16 needs a CUDA"):
-        mg.sample(denoiser, DIFFUSION, 1, precision="fp16", progress=False)
-    x = mg.sample(denoiser, DIFFUSION, 2, classifier=clf, lambdas=[30.0, 30.0], respacing="3",
-                  precision="bf16", progress=False)
-    assert x.dtype == torch.float32 and torch.isfinite(x).all()
+    with pytest.raises(ValueError, match="unknown precision"):
+        mg.sample(denoiser, DIFFUSION, 1, precision="fp8", progress=False)
+    for precision in ("bf16", "fp16"):  # autocast on the CPU (the CLIs keep fp16 for CUDA); g stays float32
+        x = mg.sample(denoiser, DIFFUSION, 2, classifier=clf, lambdas=[30.0, 30.0], respacing="3",
+                      precision=precision, progress=False)
+        assert x.dtype == torch.float32 and torch.isfinite(x).all()
 
 
 # --- checkpoints and the CLI -----------------------------------------------------------------
@@ -192,12 +194,12 @@ def ckpts(tmp_path_factory, denoiser, clf):
     raw = perturbed(unet.build_unet("tiny"), seed=5)
     paths = dict(ddpm=str(folder / "ddpm.pt"), clf=str(folder / "clf.pt"), clf32=str(folder / "clf32.pt"),
                  cut=str(folder / "cut.pt"))
-    ddpm.save_checkpoint(paths["ddpm"], dict(kind="ddpm", model_config=denoiser.config, diffusion=DIFFUSION,
+    plumbing.save_checkpoint(paths["ddpm"], dict(kind="ddpm", model_config=denoiser.config, diffusion=DIFFUSION,
                                              model=raw.state_dict(), ema=denoiser.state_dict()))
-    ddpm.save_checkpoint(paths["clf"], dict(kind="classifier", model_config=clf.config, diffusion=DIFFUSION,
+    plumbing.save_checkpoint(paths["clf"], dict(kind="classifier", model_config=clf.config, diffusion=DIFFUSION,
                                             model=clf.state_dict(), ema=None))
     c32 = C.build_classifier("tiny", image_size=32)
-    ddpm.save_checkpoint(paths["clf32"], dict(kind="classifier", model_config=c32.config, diffusion=DIFFUSION,
+    plumbing.save_checkpoint(paths["clf32"], dict(kind="classifier", model_config=c32.config, diffusion=DIFFUSION,
                                               model=c32.state_dict(), ema=None))
     data = open(paths["ddpm"], "rb").read()
     open(paths["cut"], "wb").write(data[: len(data) // 2])
@@ -211,11 +213,11 @@ def test_load_models_uses_ema_and_refuses_mismatches(ckpts, denoiser, clf):
     assert all(torch.equal(a, b) for a, b in zip(c.state_dict().values(), clf.state_dict().values()))
     raw, _, none = mg.load_models(ckpts["ddpm"], use_ema=False)
     assert none is None and not torch.equal(raw.encoder.blocks[0][0].weight, model.encoder.blocks[0][0].weight)
-    with pytest.raises(ddpm.CheckpointError) as err:
+    with pytest.raises(plumbing.CheckpointError) as err:
         mg.load_models(ckpts["ddpm"], ckpts["clf32"])
     message = str(err.value)
     assert "clf32.pt" in message and "ddpm.pt" in message and "image_size 32" in message and "image_size 16" in message
-    with pytest.raises(ddpm.CheckpointError, match="'ddpm' model, expected a 'classifier'"):
+    with pytest.raises(plumbing.CheckpointError, match="'ddpm' model, expected a 'classifier'"):
         mg.load_models(ckpts["ddpm"], ckpts["ddpm"])
 
 
@@ -226,8 +228,8 @@ def run_cli(*args):
 
 def test_cli_smoke(ckpts, tmp_path, denoiser, clf):
     out = tmp_path / "mg"
-    r = run_cli("--ddpm", ckpts["ddpm"], "--classifier", ckpts["clf"], "--lambdas", "30,30", "--n", "4",
-                "--steps", "5", "--batch", "3", "--seed", "2", "--out", str(out))
+    r = run_cli("--ddpm", ckpts["ddpm"], "--classifier", ckpts["clf"], "--lambdas", "30,30", "--n-samples", "4",
+                "--sample-steps", "5", "--batch", "3", "--seed", "2", "--out", str(out))
     assert r.returncode == 0, r.stderr
     with np.load(out / "samples.npz") as f:
         images, lambdas = f["images"], f["lambdas"]
@@ -241,10 +243,10 @@ def test_cli_smoke(ckpts, tmp_path, denoiser, clf):
 
 def test_cli_bad_inputs(ckpts, tmp_path, capsys):
     out = str(tmp_path / "never")
-    base = ["--ddpm", ckpts["ddpm"], "--classifier", ckpts["clf"], "--steps", "5", "--out", out]
+    base = ["--ddpm", ckpts["ddpm"], "--classifier", ckpts["clf"], "--sample-steps", "5", "--out", out]
     # in a real process: exit status != 0, one line on stderr, no traceback
     for args, message in [
-        (base + ["--n", "0"], "--n must be positive"),
+        (base + ["--n-samples", "0"], "--n-samples: expected an integer >= 1"),
         (base + ["--lambdas", "1,2,3"], "gives 3 weights"),
         (["--ddpm", ckpts["cut"], "--out", out], "truncated"),
         (["--ddpm", ckpts["ddpm"], "--classifier", ckpts["clf32"], "--out", out], "image_size 32"),
@@ -255,13 +257,16 @@ def test_cli_bad_inputs(ckpts, tmp_path, capsys):
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     # more cases in this process (faster): each ends in SystemExit with a one-line message
     for args, message in [
-        (base + ["--n", "-3"], "--n must be positive"),
-        (base + ["--batch", "0"], "--batch must be positive"),
+        (base + ["--n-samples", "-3"], "--n-samples: expected an integer >= 1"),
+        (base + ["--n", "3"], "--n was renamed --n-samples"),
+        (base + ["--steps", "3"], "--steps was renamed --sample-steps"),
+        (base + ["--batch", "0"], "--batch: expected an integer >= 1"),
         (base + ["--lambdas", "30,abc"], "comma-separated numbers"),
+        (base + ["--lambdas", "30,nan"], "finite numbers"),
         (["--ddpm", ckpts["ddpm"], "--lambdas", "0,30", "--out", out], "need --classifier"),
         (["--ddpm", str(tmp_path / "missing.pt"), "--out", out], "does not exist"),
         (["--ddpm", ckpts["clf"], "--out", out], "expected a 'ddpm'"),
-        (base + ["--steps", "500"], "--steps"),
+        (base + ["--sample-steps", "500"], "--sample-steps"),
         (base + ["--precision", "fp16"], "fp16 needs a CUDA device"),
     ]:
         with pytest.raises(SystemExit) as exc:

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+import fit
+import plumbing
 import toy_circles as tc
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,8 +91,8 @@ def test_flip_maps_left_band_onto_right_band(size):
 
     # random_hflip on a batch: flipped samples are mirrored and relabelled, others untouched
     data = tc.make_circles(size, "train")
-    x, y = tc.to_tensor(data["images"]), torch.from_numpy(data["labels"])
-    x2, y2 = tc.random_hflip(x, y, torch.Generator().manual_seed(0))
+    x, y = plumbing.to_tensor(data["images"]), torch.from_numpy(data["labels"])
+    x2, y2 = fit.random_hflip(x, y, torch.Generator().manual_seed(0))
     flip = torch.rand(len(y), generator=torch.Generator().manual_seed(0)) < 0.5
     assert 0 < flip.sum() < len(y)
     assert torch.equal(x2[flip], x[flip].flip(-1)) and torch.equal(x2[~flip], x[~flip])
@@ -103,19 +105,19 @@ def test_flip_maps_left_band_onto_right_band(size):
 def test_tensor_round_trip_exact():
     everything = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, axis=3)
     for images in (everything, tc.make_circles(32, "train")["images"]):
-        x = tc.to_tensor(images)
+        x = plumbing.to_tensor(images)
         assert x.dtype == torch.float32 and x.shape == (len(images), 3, images.shape[1], images.shape[2])
         assert x.min() >= -1.0 and x.max() <= 1.0
-        assert np.array_equal(tc.to_uint8(x), images)
-    assert tc.to_tensor(everything)[0, 0, 0, 0] == -1.0 and tc.to_tensor(everything)[0, 0, 15, 15] == 1.0
-    assert tc.to_uint8(torch.full((1, 3, 2, 2), 5.0)).max() == 255      # clamped
-    assert tc.to_uint8(torch.full((1, 3, 2, 2), -5.0)).max() == 0
+        assert np.array_equal(plumbing.to_uint8(x), images)
+    assert plumbing.to_tensor(everything)[0, 0, 0, 0] == -1.0 and plumbing.to_tensor(everything)[0, 0, 15, 15] == 1.0
+    assert plumbing.to_uint8(torch.full((1, 3, 2, 2), 5.0)).max() == 255      # clamped
+    assert plumbing.to_uint8(torch.full((1, 3, 2, 2), -5.0)).max() == 0
 
 
 def test_save_grid_size_and_tiles(tmp_path):
     images = tc.make_circles(32, "train")["images"][:7]             # 7 tiles, nrow 3 -> 3 rows
     path = tmp_path / "sub" / "grid.png"
-    tc.save_grid(images, str(path), nrow=3, scale=2)
+    plumbing.save_grid(images, str(path), nrow=3, scale=2)
     grid = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
     assert grid.shape == (3 * 64 + 2, 3 * 64 + 2, 3)                  # rows*H*scale + rows-1
     for i in range(7):
@@ -125,7 +127,7 @@ def test_save_grid_size_and_tiles(tmp_path):
     assert (grid[64, :] == 128).all() and (grid[:, 64] == 128).all()  # 1-pixel grey separators
     assert (grid[2 * 65:, 65:] == 128).all()                          # empty cells are grey
     # default nrow = ceil(sqrt(N)) = 3, scale 1
-    tc.save_grid(images, str(path))
+    plumbing.save_grid(images, str(path))
     assert cv2.imread(str(path)).shape == (3 * 32 + 2, 3 * 32 + 2, 3)
     assert [p.name for p in path.parent.iterdir()] == ["grid.png"]   # no temporary files left
 

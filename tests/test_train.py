@@ -9,6 +9,8 @@ import pytest
 import torch
 
 import ddpm
+import fit
+import plumbing
 import toy_circles
 import train
 
@@ -31,7 +33,7 @@ def test_twenty_step_smoke_run(tmp_path):
     out = tmp_path / "run"
     r = run_cli(*TINY, "--steps", "20", "--out", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
-    ckpt = ddpm.load_checkpoint(str(out / "ddpm.pt"), "ddpm")
+    ckpt = plumbing.load_checkpoint(str(out / "ddpm.pt"), "ddpm")
     assert ckpt["step"] == 20 and [row["step"] for row in ckpt["log"]] == [5, 10, 15, 20]
     assert all(torch.isfinite(torch.tensor(row["loss"])) for row in ckpt["log"])
     assert ckpt["model_config"]["image_size"] == 16 and ckpt["diffusion"]["T"] == 100
@@ -50,16 +52,24 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
     assert run_cli(*TINY, "--steps", "12", "--out", str(a)).returncode == 0
     r = run_cli(*TINY, "--steps", "12", "--out", str(b), "--stop-at", "7")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert ddpm.load_checkpoint(str(b / "ddpm.pt"))["step"] == 7
+    assert plumbing.load_checkpoint(str(b / "ddpm.pt"))["step"] == 7
+    assert "paused at step 7" in r.stdout and "HEADLINE" not in r.stdout     # a pause: checkpoint only
+    assert not (b / "results.json").exists() and not (b / "classifier0.pt").exists()
     r = run_cli(*TINY, "--steps", "12", "--out", str(b), "--resume")
     assert r.returncode == 0 and "resumed" in r.stdout + r.stderr
-    ca, cb = ddpm.load_checkpoint(str(a / "ddpm.pt")), ddpm.load_checkpoint(str(b / "ddpm.pt"))
+    ca, cb = plumbing.load_checkpoint(str(a / "ddpm.pt")), plumbing.load_checkpoint(str(b / "ddpm.pt"))
     assert cb["step"] == 12
     for key in ("model", "ema"):
         for name in ca[key]:
             assert torch.equal(ca[key][name], cb[key][name]), f"{key}.{name} differs after resume"
     sa, sb = ca["optimizer"]["state"], cb["optimizer"]["state"]
     assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
+    # The logs too: step 7 split the interval 6..10, whose running sums the checkpoint carried over.
+    wall = ("img_per_s", "wall_s")
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in wall} for r in rows]  # noqa: E731
+    assert strip(cb["log"]) == strip(ca["log"]) and [r["step"] for r in ca["log"]] == [5, 10, 12]
+    la, lb = (fit.read_train_log(p / "logs" / "ddpm" / "train_log.csv") for p in (a, b))
+    assert strip(la) == strip(lb) and len(la) == 3
 
 
 def test_dit_backbone_trains_and_its_checkpoint_rebuilds_a_dit(tmp_path):
@@ -70,7 +80,7 @@ def test_dit_backbone_trains_and_its_checkpoint_rebuilds_a_dit(tmp_path):
     r = run_cli(*TINY, "--backbone", "dit", "--dit", "tiny", "--steps", "6", "--out", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "DiT 'tiny'" in r.stdout
-    ckpt = ddpm.load_checkpoint(str(out / "ddpm.pt"), "ddpm")
+    ckpt = plumbing.load_checkpoint(str(out / "ddpm.pt"), "ddpm")
     assert ckpt["backbone"] == "dit" and ckpt["model_config"]["patch_size"] == 2
     model, d, _ = multiguide.load_models(str(out / "ddpm.pt"))
     assert isinstance(model, dit.DiT) and model(torch.zeros(1, 3, 16, 16), torch.tensor([3])).shape == (1, 6, 16, 16)
@@ -107,7 +117,7 @@ def test_bad_input_is_refused_with_one_line(tmp_path):
 def test_bf16_autocast_on_cpu(tmp_path):
     r = run_cli(*TINY, "--steps", "6", "--precision", "bf16", "--out", str(tmp_path / "bf"))
     assert r.returncode == 0, r.stderr[-2000:]
-    log = ddpm.load_checkpoint(str(tmp_path / "bf" / "ddpm.pt"))["log"]
+    log = plumbing.load_checkpoint(str(tmp_path / "bf" / "ddpm.pt"))["log"]
     assert all(row["loss"] == row["loss"] and row["loss"] < 10 for row in log)   # finite and sane
 
 
@@ -118,7 +128,7 @@ def test_ddp_two_processes_keep_replicas_identical(tmp_path):
                        capture_output=True, text=True, timeout=300, env=ENV, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "DDP: 2 replicas identical" in r.stdout
-    assert ddpm.load_checkpoint(str(tmp_path / "ddp" / "ddpm.pt"))["step"] == 6
+    assert plumbing.load_checkpoint(str(tmp_path / "ddp" / "ddpm.pt"))["step"] == 6
 
 
 def test_nonfinite_loss_skips_the_step_and_is_counted(tmp_path):
@@ -132,9 +142,9 @@ def test_nonfinite_loss_skips_the_step_and_is_counted(tmp_path):
         return dict(loss=loss * float("nan") if len(calls) == 3 else loss)
 
     weights = []
-    s = train.FitSettings(steps=5, batch=4, lr=0.1, log_every=1, ckpt_every=100)
-    rt = train.Runtime(0, 1, torch.device("cpu"))
-    _, _, log = train.fit(model, loss_fn, s, str(tmp_path / "m.pt"), rt, dict(kind="test"), {},
+    s = fit.FitSettings(steps=5, batch=4, lr=0.1, log_every=1, ckpt_every=100)
+    rt = fit.Runtime(0, 1, torch.device("cpu"))
+    _, _, log = fit.fit(model, loss_fn, s, str(tmp_path / "m.pt"), rt, dict(kind="test"), {},
                           on_step=lambda step, m: weights.append(m.weight.detach().clone()))
     assert [row["skipped"] for row in log] == [0, 0, 1, 1, 1]
     assert torch.equal(weights[1], weights[2])            # step 3 changed nothing
@@ -142,14 +152,14 @@ def test_nonfinite_loss_skips_the_step_and_is_counted(tmp_path):
 
 
 def test_warmup_and_ema_formulas():
-    s = train.FitSettings(steps=10, batch=1, lr=1e-3, warmup=100)
-    assert train.lr_at(0, s) == pytest.approx(1e-5) and train.lr_at(99, s) == pytest.approx(1e-3)
-    assert train.lr_at(500, s) == 1e-3
+    s = fit.FitSettings(steps=10, batch=1, lr=1e-3, warmup=100)
+    assert fit.lr_at(0, s) == pytest.approx(1e-5) and fit.lr_at(99, s) == pytest.approx(1e-3)
+    assert fit.lr_at(500, s) == 1e-3
     ema, model = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
     with torch.no_grad():
         ema.weight.fill_(1.0)
         model.weight.fill_(3.0)
-    train._update_ema(ema, model, 0.75)
+    fit._update_ema(ema, model, 0.75)
     assert ema.weight.item() == pytest.approx(0.75 * 1 + 0.25 * 3)
 
 
@@ -193,6 +203,19 @@ def test_circles_pipeline_end_to_end_at_tiny_size(tmp_path):
     assert "## Memorization (App. H)" in report and "figures/memorization_pairs.png" in report
     assert "78% +- 8.7%" in report and f"{100 * res['accuracy'][0]:.1f}%" in report
     assert "figures/classifier_heatmap.png" in report and "| 10 |" in report
+    # Reports apart from computation: report.md and the plotted figures come back from results.json alone.
+    import report as report_lib
+    for name in ("report.md", "figures/classifier_heatmap.png", "figures/centre_x_histogram.png"):
+        (out / name).unlink()
+    assert report_lib.render(str(out)) == report
+    assert (out / "report.md").read_text() == report
+    assert (out / "figures/classifier_heatmap.png").exists() and (out / "figures/centre_x_histogram.png").exists()
+    # Every trained network logs: train_log.csv (a row per log interval) and loss.png.
+    for net in ("ddpm", "classifier0", "classifier1"):
+        rows = fit.read_train_log(out / "logs" / net / "train_log.csv")
+        assert rows and rows[-1]["step"] == (10 if net == "ddpm" else 6), net
+        assert {"loss", "lr", "grad_norm", "img_per_s", "wall_s"} <= set(rows[0]), net
+        assert (out / "logs" / net / "loss.png").exists(), net
     # A resumed run recomputes nothing: the DDPM and the classifiers are done, the samples reused.
     r = run_cli(*TINY, "--steps", "10", "--clf", "tiny", "--clf-steps", "6", "--clf-batch", "8", "--n-samples", "12",
                 "--runs", "2", "--lambda-sweep", "0,10", "--out", str(out), "--resume")

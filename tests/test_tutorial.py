@@ -13,7 +13,7 @@ from conftest import ENV, ROOT  # noqa: E402
 TUTORIAL = os.path.join(ROOT, "TUTORIAL.md")
 MARK = "<!-- runnable -->"
 SHRINK = [("--steps 1000", "--steps 6"), ("--clf-steps 300", "--clf-steps 4"), ("--n-samples 64", "--n-samples 8"),
-          ("--n 16", "--n 4"), ("--steps 50 ", "--steps 5 "), ("for lam in 0 10 30 60", "for lam in 0 30")]
+          ("--n-samples 16", "--n-samples 4"), ("--sample-steps 50 ", "--sample-steps 5 "), ("for lam in 0 10 30 60", "for lam in 0 30")]
 
 
 def bash_blocks(text):

@@ -1,0 +1,260 @@
+"""report.py -- a run's results.json turned into report.md and its figures, and nothing else.
+
+A run of train.py computes; it writes every number and every array its figures need into
+OUT/results.json, then calls `render(OUT)`. `render` reads results.json alone and writes
+OUT/report.md and the figures that are plots of numbers (histograms, heatmaps). So a report can be
+rebuilt, restyled or regenerated after a change of this file without running anything again:
+
+    python report.py runs/circles          # rewrites runs/circles/report.md and its figures
+
+Pictures of images (sample grids, the training data, nearest-neighbour pairs) are written when the
+images exist, by the stage that has them; the report links them.
+
+Reports: the circles (Sec. 5.5) and corners (App. F) experiments, and real images (Sec. 5.1-5.3:
+CelebA, your own folders). Each compares with the paper where the paper gives a number.
+"""
+import os
+
+import numpy as np
+
+import classifier
+import evaluate
+import plumbing
+
+PAPER_CIRCLES = dict(accuracy=(0.78, 0.087), bad=(0.0425, 0.0245), spectral_best=0.90)  # Sec. 5.5
+
+
+def render(out):
+    """Read OUT/results.json; write OUT/report.md and the figures it shows. Returns the markdown."""
+    r = plumbing.read_json(os.path.join(out, "results.json"), "results file")
+    kind = r.get("data")
+    if kind in ("circles", "corners"):
+        circles_figures(out, r)
+        text = circles_report(r)
+    else:
+        for row in r["rows"]:
+            evaluate.plot_histogram_vs_uniform(np.asarray(row["scores"]), os.path.join(out, "figures", f"hist_{row['name']}.png"),
+                                               f"p({r['attr']}) of the {row['label']} (evaluation classifier)")
+        text = real_images_report(r)
+    plumbing.write_bytes_atomically(os.path.join(out, "report.md"), text.encode())
+    return text
+
+
+def _pct(x, digits=1):
+    return f"{100 * x:.{digits}f}%"
+
+
+def profile_table(r):
+    """report.md lines: where the run's wall time went, stage by stage."""
+    t = r.get("timings_s", {})
+    stages = [(k, v) for k, v in t.items() if k != "total_s"]
+    if not stages:
+        return []
+    total = t.get("total_s") or sum(v for _, v in stages)
+    lines = ["", "## Where the time went", "", "| stage | wall time | share |", "|---|---|---|"]
+    lines += [f"| {k.removesuffix('_s').replace('_', ' ')} | {v:.1f} s | {_pct(v / max(total, 1e-9))} |" for k, v in stages]
+    return lines + [f"| total | {total:.1f} s ({total / 60:.1f} min) | |"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Circles and corners (Sec. 5.5, App. F)
+# ----------------------------------------------------------------------------------------------
+
+def circles_figures(out, r):
+    """The plots of a circles/corners run, from the arrays kept in results.json."""
+    c, f = r["config"], r["figures"]
+    size, fig_dir = c["image_size"], os.path.join(out, "figures")
+    h = f["heatmap"]
+    classifier.plot_heatmap(h["xs"], h["ys"], h["p"], size, os.path.join(fig_dir, "classifier_heatmap.png"),
+                            f"p({'right' if r['data'] == 'circles' else 'class 1, top right'} | circle at x, y), "
+                            f"classifier 0, t = {c['heatmap_t']}")
+    z = np.asarray(f["centre_z"], dtype=np.float64)
+    evaluate.plot_centre_histogram(z, os.path.join(fig_dir, "centre_x_histogram.png"), size,
+                                   f"circle centre x of guided samples, lambda = {c['lambdas']} ({c['runs']} runs)")
+    if r["data"] == "corners":  # App. F: where the guided samples land in 2-D
+        evaluate.plot_centre_heatmap(np.asarray(f["centre_cx"], float), np.asarray(f["centre_cy"], float), size,
+                                     os.path.join(fig_dir, "centre_heatmap.png"),
+                                     f"centres of guided samples, lambda = {c['lambdas']} ({c['runs']} run"
+                                     f"{'s' if c['runs'] > 1 else ''})")
+
+
+def circles_table(r):
+    """The headline table of a circles/corners run next to the paper's Sec. 5.5 numbers."""
+    c, acc, bad = r["config"], r["accuracy"], r["bad_fraction"]
+    pa, pb = PAPER_CIRCLES["accuracy"], PAPER_CIRCLES["bad"]
+    runs = f"{c['runs']} run{'s' if c['runs'] > 1 else ''}"
+    corners = [f"| centre fraction (App. F): one circle with z_x AND z_y in [0.2, 0.8] | "
+               f"{_pct(r['centre_fraction'][0])} +- {_pct(r['centre_fraction'][1])} "
+               f"(unconditional {_pct(r['unconditional']['centre_fraction'])}) | (Fig. 9: a heatmap, no number) |"]
+    return [
+        "| quantity | this run | paper (Sec. 5.5) |", "|---|---|---|",
+        f"| accuracy: samples with one circle in the unseen middle z in [0.2, 0.8] | {_pct(acc[0])} +- "
+        f"{_pct(acc[1])} ({runs}) | {100 * pa[0]:.0f}% +- {_pct(pa[1])} (10 runs) |",
+        f"| bad fraction: 0 or >= 2 circles | {_pct(bad[0])} +- {_pct(bad[1])} | {_pct(pb[0], 2)} +- {_pct(pb[1], 2)} |",
+        f"| unconditional accuracy (leakage) | {_pct(r['unconditional']['accuracy'])} | (not reported) |",
+        *(corners if r["data"] == "corners" else []),
+        f"| lambda ({'left, right' if r['data'] == 'circles' else 'quadrants 0-3'}) | {r['lambdas']} | "
+        f"{[30] * len(r['lambdas'])} |",
+        f"| sampling | {c['sampler']}, {c['sample_respacing']} steps, {c['n_samples']} samples | ancestral, "
+        f"64 steps (released config), 1000 samples |",
+        f"| runtime | {r['timings_s']['total_s'] / 60:.1f} min on {r.get('device', 'this machine')} | (GPU) |",
+    ]
+
+
+def circles_report(r):
+    """report.md of a circles/corners run: the table next to the paper's figures, then the pictures."""
+    c = r["config"]
+    title = ("# Circles: zero-shot interpolation (paper Section 5.5)" if r["data"] == "circles" else
+             "# Corners: interpolation on two variables (paper App. F, on the circles of Section 5.5)")
+    per_run = ", ".join(_pct(x["accuracy"]) for x in r["per_run"])
+    lines = [
+        title + (" with a class-conditional DDPM (App. J)" if c["guidance"] == "free" else ""), "",
+        f"Command: `{r.get('command', 'python train.py')}` (full configuration in `config.json`, numbers in "
+        f"`results.json`; `python report.py {r.get('out', 'OUT')}` rebuilds this report).", "",
+        *circles_table(r), "",
+        f"Per run: {per_run}. Classifier heatmap: mean p(right) over the middle band "
+        f"{r['heatmap']['middle_mean_p']:.2f}, transition width {r['heatmap']['transition_width']} columns.",
+        *sweep_table(r), *regressor_table(r), *memorization_table(r.get("memorization"), circles=True),
+        *profile_table(r), "", "## Figures", "",
+        f"Training data (centres only in the outer {'bands' if r['data'] == 'circles' else 'corner squares'}): "
+        "![training data](figures/training_data.png)", "",
+        *(["Centres of the guided samples in 2-D (App. F): ![centres](figures/centre_heatmap.png)", ""]
+          if r["data"] == "corners" else []),
+        f"Multi-guided samples, lambda = {c['lambdas']}: ![guided](samples/guided_run0.png)", "",
+        "Unconditional samples: ![unconditional](samples/unconditional.png)", "",
+        "Centre x of the guided samples: ![histogram](figures/centre_x_histogram.png)", "",
+        "Classifier p(right | circle at x, y) (Fig. 7b): ![heatmap](figures/classifier_heatmap.png)", "",
+        "Training losses: ![DDPM](logs/ddpm/loss.png) ![classifier](logs/classifier0/loss.png)", "",
+    ]
+    return "\n".join(lines)
+
+
+def sweep_table(r):
+    """report.md lines: accuracy (and, for corners, the centre fraction) against lambda, per guidance."""
+    if not r["lambda_sweep"]:
+        return []
+    free = r["config"]["guidance"] == "free"
+    keys = ["accuracy", "bad_fraction"] + (["centre_fraction"] if r["data"] == "corners" else [])
+    names = {"accuracy": "accuracy", "bad_fraction": "bad fraction", "centre_fraction": "centre fraction"}
+    head = [f"classifier: {names[k]}" for k in keys] + ([f"classifier-free: {names[k]}" for k in keys] if free else [])
+    lines = ["", "## Guidance strength", "",
+             "Every class gets the same lambda. Classifier: Eq. 2 with the noisy classifier" +
+             (" on the DDPM's null-label (unconditional) half; classifier-free: App. J, eps(null) + "
+              "sum_m lambda (eps(y_m) - eps(null)) of the same network (lambda = 0: both unguided)." if free else "."),
+             "", "| lambda | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    for s in r["lambda_sweep"]:
+        cells = [s[k] for k in keys] + ([s["free"][k] for k in keys] if free else [])
+        lines.append(f"| {s['lam']:g} | " + " | ".join(_pct(x) for x in cells) + " |")
+    return lines
+
+
+def memorization_table(m, circles):
+    """report.md lines: App. H, guided run 0 against the training set (evaluate.memorization_check)."""
+    if not m:
+        return []
+    lines = ["", "## Memorization (App. H)", "",
+             f"Guided run 0: the first {m['n']} samples against all {m['n_train']} training images. The paper looks "
+             "at CLIP neighbours; CLIP is not available offline, so the neighbours are taken in pixel space "
+             "([0, 1], Euclidean) and in the guidance classifier's features (t = 0).", "",
+             "| measure | value |", "|---|---|",
+             f"| near-copies: nearest training image with pixel cosine > {m['copy_cosine']} | "
+             f"{_pct(m['near_copy_fraction'])} |",
+             f"| median cosine to the nearest training image | {m['median_pixel_cosine']:.3f} |",
+             f"| feature-space neighbour = pixel-space neighbour | {_pct(m['feature_agrees_with_pixel'])} |"]
+    if circles:
+        lines += [f"| circle centre on a training centre (same pixel), all samples | "
+                  f"{_pct(m['on_training_centre_fraction'])} |",
+                  f"| ... among samples with one circle | {_pct(m['on_training_centre_of_one_circle'])} |",
+                  f"| middle-band samples on a training centre / near-copies | {m['middle_on_training_centre']} / "
+                  f"{m['middle_near_copy']} of {m['n_middle']} |",
+                  f"| median cosine to the nearest training image, middle-band samples | "
+                  f"{m['median_pixel_cosine_middle']:.3f} |"]
+    return lines + ["", "Samples (top row) above their nearest training image in pixel space (middle) and in the "
+                        "classifier's features (bottom): ![pairs](figures/memorization_pairs.png)"]
+
+
+def regressor_table(r):
+    """report.md lines: App. K, the regressor's z_x of guided run 0 against the detector's, vs uniform."""
+    g = r.get("regressor")
+    if not g:
+        return []
+    rows = [("regressor z_x, every sample", g["regressor"]), ("detector z, samples with one circle", g["detector"])]
+    lines = ["", "## A regressor as the evaluator (App. K)", "",
+             f"Guided run 0 ({g['n']} samples, {g['n_one_circle']} with one circle). Histogram (100 bins) against "
+             "uniform; unit = bins over [0, 1], data = bins over [min, max] (the released code's range).", "",
+             "| score | MSE (unit) | KLD (unit) | MSE (data) | KLD (data) |", "|---|---|---|---|---|"]
+    lines += [f"| {name} | {m['unit']['mse']:.3f} | {m['unit']['kld']:.3f} | {m['data']['mse']:.3f} | "
+              f"{m['data']['kld']:.3f} |" for name, m in rows if m is not None]
+    lines += ["", f"Mean |regressor z_x - detector z| on one-circle samples: {g['mean_abs_difference']:.3f} image widths; "
+                  f"regressor z_x in [0.2, 0.8]: {_pct(g['regressor_middle_fraction'])} of all samples."]
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
+# Real images (Sec. 5.1-5.3)
+# ----------------------------------------------------------------------------------------------
+
+def real_images_intro(r):
+    """The title, the smoke-scale warning and the training set of a real-image run."""
+    c, attr = r["config"], r["attr"]
+    smoke = not (c["unet"] == "paper" and c["steps"] >= 250000)
+    source = ("CelebA's" if c["data"] == "celeba" else
+              f"{r['class_names'][0]} vs {r['class_names'][1]} (--data {c['data']}):")
+    lines = [f"# Zero-shot interpolation of {source} {attr} (paper Sections 5.1-5.3)", ""]
+    if smoke:
+        lines += ["**Smoke scale.** This run used a reduced configuration (U-Net '" + c["unet"] + f"', {c['steps']} "
+                  f"DDPM steps, {c['n_samples']} samples): it checks that the pipeline runs end to end; it is NOT a "
+                  "reproduction. The paper's numbers need `--paper` on a GPU.", ""]
+    judge = r["evaluation_classifier"]
+    return lines + [
+        f"Command: `{r.get('command', 'python train.py')}` (configuration in `config.json`, numbers in `results.json`, "
+        f"the filter in `{r['filter_out']}`).", "",
+        f"Training set: {sum(r['training_per_class'])} extreme images, {r['training_per_class']} per class "
+        f"{r['class_names']}. Judge: filter_data.py's evaluation classifier (test accuracy "
+        f"{judge['test_accuracy']:.3f}, temperature {judge['temperature']:.3f}). Score = its calibrated p({attr}).", ""]
+
+
+def real_images_report(r):
+    """report.md of a real-image run: the comparison of histograms with the paper's, then the pictures."""
+    c, attr = r["config"], r["attr"]
+    subset = "60k, the paper's full extreme set" if c["subset"] == "all" else c["subset"]
+    celeba = c["data"] == "celeba"
+    lines = real_images_intro(r) + [
+        "Histogram of the scores, 100 bins, against uniform (App. B); lower is better. `data`: bins over "
+        "[min, max] of the scores, as the released code (and so, presumably, the paper's numbers); `unit`: "
+        "bins over [0, 1], as the text describes.", "",
+        f"| {attr} scores of | n | MSE (data) | KLD (data) | MSE (unit) | KLD (unit) | in [0.2, 0.8] |"
+        + (f" paper MSE / KLD ({subset}) |" if celeba else ""),
+        "|---|---|---|---|---|---|---|" + ("---|" if celeba else "")]
+    for row in r["rows"]:
+        paper = "-" if row["paper"] is None else f"{row['paper'][0]:.3f} / {row['paper'][1]:.3f}"
+        lines.append(f"| {row['label']} | {row['n']} | {row['data']['mse']:.3f} | {row['data']['kld']:.3f} | "
+                     f"{row['unit']['mse']:.3f} | {row['unit']['kld']:.3f} | {_pct(row['middle_fraction'])} |"
+                     + (f" {paper} |" if celeba else ""))
+    if celeba:
+        lines += ["", "Paper: Sec. 5.1 (guided 0.13 / 0.61, training 0.56 / 3.17, unconditional 0.64 / 3.5; lambda = "
+                      "30,30, 10k samples, 250 steps), Table 1 for the 30k, 10k and 5k subsets"
+                      f"{'' if r['rows'][0]['paper'] else f' (CelebA Smiling only: none for {attr})'}."]
+    lines += ["", f"This run: {c['sampler']}, {c['sample_respacing']} steps, {c['n_samples']} samples.",
+              *memorization_table(r.get("memorization"), circles=False), *profile_table(r), "", "## Figures", ""]
+    lines += [f"Scores of the {row['label']}: ![{row['name']}](figures/hist_{row['name']}.png)" + "\n"
+              for row in r["rows"]]
+    lines += ["Multi-guided samples: ![guided](samples/guided_run0.png)", "",
+              "Unconditional samples: ![unconditional](samples/unconditional.png)", "",
+              "Training images (32 per class): ![training](figures/training_data.png)", "",
+              "Training losses: ![DDPM](logs/ddpm/loss.png) ![classifier](logs/classifier0/loss.png)", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = plumbing.OneLineParser(description="Rebuild a run's report.md and figures from its results.json.")
+    parser.add_argument("run", help="a run folder of train.py (holding results.json)")
+    args = parser.parse_args(argv)
+    if not os.path.isfile(os.path.join(args.run, "results.json")):
+        parser.error(f"{args.run} holds no results.json; give the --out folder of a finished train.py run")
+    render(args.run)
+    print(f"report: {os.path.join(args.run, 'report.md')}")
+
+
+if __name__ == "__main__":
+    plumbing.guard(main)

@@ -4,7 +4,7 @@ The claim (App. C; Sec. 4.2, Eq. 2): multi-guidance costs the same as ordinary c
 The guidance gradient g = grad_x sum_m lambda_m log p(y_m | x_t, t) of ALL classes comes from ONE
 classifier forward and ONE backward pass (autograd of the weighted sum of log-probabilities,
 multiguide.multi_guidance_grad), so a guided step costs one U-Net forward plus one classifier
-forward + backward, whatever the number of classes. Target of the issue: guided / unguided <= 2.5x.
+forward + backward, whatever the number of classes. Our target: guided / unguided <= 2.5x.
 
 What is measured (randomly initialised models: speed does not depend on the weights), each call on
 the same fixed x_t, noise and step (the middle of a 50-step respaced chain, T = 1000, cosine):
@@ -51,7 +51,7 @@ import multiguide  # noqa: E402
 import plumbing  # noqa: E402
 import unet  # noqa: E402
 
-TARGET_RATIO = 2.5  # the issue's target: a guided step costs at most 2.5x an unguided one
+TARGET_RATIO = 2.5  # our target: a guided step costs at most 2.5x an unguided one
 
 
 def build_setup(unet_preset, clf_preset, image_size, batch, lambdas, seed=0):

@@ -1,4 +1,4 @@
-"""Measure the issue's targets for the default circles command, `python train.py --data circles`.
+"""Measure the targets of the default circles command, `python train.py --data circles`.
 
 Targets (the circles experiment of Sec. 5.5 on a 2-core CPU):
     wall time of the whole command      <= 15 min
@@ -62,7 +62,7 @@ COMPARE = {"<=": lambda v, th: v <= th, "<": lambda v, th: v < th, ">=": lambda 
 
 def parse_args(argv):
     """-> (args, train_args): this script's options, and the list passed on to train.py."""
-    parser = plumbing.OneLineParser(description="Run `python train.py --data circles` and check the issue's targets: wall "
+    parser = plumbing.OneLineParser(description="Run `python train.py --data circles` and check its targets: wall "
                                  "time, peak memory, accuracy, bad fraction, unconditional accuracy.",
                      epilog="Any other option goes to train.py unchanged, as does everything after a lone "
                             "'--' (e.g. circles_targets.py --out /tmp/ct -- --unet tiny --steps 10). "

@@ -69,7 +69,7 @@ def test_bench_guidance_refuses_bad_flags_in_one_line(capsys):
 
 
 # ----------------------------------------------------------------------------------------------
-# circles_targets.py: the targets for `python train.py --data circles`
+# circles_targets.py: the targets of `python train.py --data circles`
 # ----------------------------------------------------------------------------------------------
 
 def test_circles_targets_smoke(tmp_path):

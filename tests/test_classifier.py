@@ -47,7 +47,7 @@ def test_output_shape_and_config_rebuilds_the_model():
 
 
 def test_pinned_parameter_counts_and_head_formula():
-    # Released config (PAPER_FACTS): width 64, depth 2 -> ~10M parameters.
+    # The authors' released circles configuration (Sec. 5.5): width 64, depth 2 -> ~10M parameters.
     counts = {p: unet.count_params(C.build_classifier(p)) for p in C.PRESETS}
     assert counts == {"paper": 9_501_762, "cpu": 490_754, "tiny": 93_010}
     # Independent count: time MLP + the encoder alone + norm + pooling head (pos. emb., qkv, projection).

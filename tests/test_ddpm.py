@@ -32,7 +32,7 @@ class ConstModel:
 def test_cosine_schedule_facts_and_independent_recomputation():
     betas = get_betas("cosine", 4000)
     assert betas.dtype == np.float64 and betas.shape == (4000,)
-    assert betas[0] == pytest.approx(9.8658e-06, rel=1e-4)   # PAPER_FACTS
+    assert betas[0] == pytest.approx(9.8658e-06, rel=1e-4)   # Eq. 10, T = 4000 (App. C)
     assert betas[-1] == 0.999                                 # clipped
     abar = cosine_alpha_bar_np(4000)
     expected = np.minimum(1 - abar[1:] / abar[:-1], 0.999)
@@ -59,7 +59,7 @@ def test_bad_schedule_arguments():
 def test_space_timesteps_reference_semantics():
     kept = space_timesteps(4000, "250")
     assert len(kept) == 250
-    assert kept[:10] == [0, 16, 32, 48, 64, 80, 96, 112, 128, 145]  # PAPER_FACTS / reference
+    assert kept[:10] == [0, 16, 32, 48, 64, 80, 96, 112, 128, 145]  # App. C; authors' released respacing
     assert kept[-1] == 3999
     ddim = space_timesteps(4000, "ddim250")
     assert len(ddim) == 250 and ddim[-1] == 3984 and ddim[1] == 16

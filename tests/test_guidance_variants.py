@@ -90,7 +90,7 @@ class SpyNet:
 
 
 def test_label_dropout_rate_and_flipped_labels_and_unchanged_draws():
-    # App. J / PAPER_FACTS: labels become the null label (2) with probability 0.1
+    # App. J and the authors' released configuration: labels become the null label (2) with probability 0.1
     data = tc.make_circles(16, "train")
     x0, labels = plumbing.to_tensor(data["images"]), torch.as_tensor(data["labels"])
     rec, rec0 = Recorder(), Recorder()

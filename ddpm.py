@@ -35,7 +35,6 @@ import os
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 import plumbing
 
@@ -371,7 +370,7 @@ class Diffusion:
     def calc_bpd_loop(self, model, x0, generator=None, progress=False):
         """The whole variational bound of Eq. 9 in bits/dim, (B,): sum_t L_t + L_T, one noise draw per t."""
         total = self.prior_bpd(x0)
-        for i in tqdm(range(self.num_timesteps - 1, -1, -1), disable=not progress, desc="bpd"):
+        for i in plumbing.progress(range(self.num_timesteps - 1, -1, -1), "bpd", enabled=progress):
             t = torch.full((x0.shape[0],), i, dtype=torch.long, device=x0.device)
             noise = torch.randn(x0.shape, generator=generator, device=x0.device)
             xt = self.q_sample(x0, t, noise)
@@ -454,7 +453,7 @@ class Diffusion:
         device = generator.device if generator is not None else torch.device(device)
         x = noise if noise is not None else torch.randn(shape, generator=generator, device=device)
         start = self.num_timesteps - 1 if start_t is None else start_t
-        for i in tqdm(range(start, stop_t, -1), disable=not progress, desc=f"{sampler} sampling", leave=False):
+        for i in plumbing.progress(range(start, stop_t, -1), f"{sampler} sampling", enabled=progress):
             t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
             z = torch.randn(x.shape, generator=generator, device=x.device)
             with torch.no_grad():  # a cond_fn turns gradients back on for its own backward pass
@@ -473,7 +472,7 @@ class Diffusion:
         single data point, and otherwise off by the discretisation error of the ODE.
         """
         stop = self.num_timesteps - 1 if stop_t is None else stop_t
-        for i in tqdm(range(start_t, stop), disable=not progress, desc="ddim inversion", leave=False):
+        for i in plumbing.progress(range(start_t, stop), "ddim inversion", enabled=progress):
             t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
             with torch.no_grad():
                 x = self.ddim_reverse_step(model, x, t)["sample"]

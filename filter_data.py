@@ -80,7 +80,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from matplotlib.figure import Figure
-from tqdm.auto import tqdm
 
 import classifier
 import fit
@@ -296,7 +295,7 @@ def cached_images(paths, crop, size, cache_dir, workers=4):
     pool = concurrent.futures.ThreadPoolExecutor(max(1, workers))   # cv2 releases the GIL
     try:
         results = pool.map(lambda p: _decode(p, crop, size), paths)
-        for i, result in enumerate(tqdm(results, total=len(paths), desc="decode", mininterval=2.0, disable=None)):
+        for i, result in enumerate(plumbing.progress(results, "decode", total=len(paths), unit="image")):
             if isinstance(result, str):
                 _fail(result)
             images[i] = result

@@ -56,7 +56,6 @@ import time
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from tqdm.auto import tqdm
 
 import ddpm
 import evaluate
@@ -279,7 +278,7 @@ def interp_setting(model, d, pairs, where, args, device):
     t0 = time.time()
     score = score_grad(model, diffusion, level, device) if args.score and where != "T" else None
     batches, infos = [], {}
-    for p in tqdm(range(M), desc=f"curves at {where}", leave=False):
+    for p in plumbing.progress(range(M), f"curves at {where}", unit="curve"):
         curves, info = latent_curves(z[p], z[M + p], n, score=score)
         batches.append(frame_batch(curves))
         for name, i in info.items():

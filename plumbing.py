@@ -493,6 +493,18 @@ class Progress:
             self.bar.close()
 
 
+def progress(iterable, desc, total=None, enabled=True, unit="step"):
+    """Iterate with a Progress display (a bar on a terminal, a line per ~10% elsewhere)."""
+    items = list(iterable) if total is None else iterable
+    bar = Progress(len(items) if total is None else total, desc, unit=unit, enabled=enabled)
+    try:
+        for item in items:
+            yield item
+            bar.update(1)
+    finally:
+        bar.close()
+
+
 @contextlib.contextmanager
 def timed(timings, name):
     """Add the wall time of the block to timings[name] (seconds)."""

@@ -194,22 +194,29 @@ def _random_splits(n, seed, fractions=(0.8, 0.1, 0.1)):
     return splits
 
 
-def folder_dataset(root, seed=0):
-    """ROOT/<class>/<images>: two class folders, sorted names -> 0, 1; seeded 80/10/10 split."""
+def folder_dataset(root, seed=0, classes=None):
+    """ROOT/<class>/<images>: two class folders (or --classes A,B picks two of several), sorted names ->
+    0, 1; a seeded 80/10/10 split. Every file with an image extension is read (Pillow: any size, any mode)."""
     if not os.path.isdir(root):
         _fail(f"--root {root} is not a folder")
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
-    if len(classes) != 2:
-        _fail(f"--root {root}: expected exactly two class folders, found {len(classes)} ({', '.join(classes)})")
+    found = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+    if classes:
+        missing = [c for c in classes if c not in found]
+        if missing:
+            _fail(f"--classes: {root} has no class folder {missing[0]!r} (found: {', '.join(found) or 'none'})")
+        found = sorted(classes)
+    if len(found) != 2:
+        hint = "; pick two with --classes A,B" if len(found) > 2 else ": put each class's images in its own folder"
+        _fail(f"--root {root}: expected two class folders, found {len(found)} ({', '.join(found) or 'none'}){hint}")
     paths, labels = [], []
-    for c, name in enumerate(classes):
+    for c, name in enumerate(found):
         files = sorted(f for f in os.listdir(os.path.join(root, name)) if f.lower().endswith(IMAGE_EXTENSIONS))
         if not files:
             _fail(f"--root: class folder {os.path.join(root, name)} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
         paths += [os.path.abspath(os.path.join(root, name, f)) for f in files]
         labels += [c] * len(files)
     return dict(paths=np.array(paths), labels=np.array(labels), splits=_random_splits(len(paths), seed),
-                class_names=classes, crop="square")
+                class_names=found, crop="square")
 
 
 def csv_dataset(path, seed=0):
@@ -249,64 +256,132 @@ def csv_dataset(path, seed=0):
 # ----------------------------------------------------------------------------------------------
 
 def preprocess(image, crop, size=64):
-    """cv2 BGR uint8 (H, W, 3) -> RGB uint8 (size, size, 3): centre square crop, INTER_AREA resize.
+    """RGB uint8 (H, W, 3) -> RGB uint8 (size, size, 3): centre square crop, then resize.
 
     crop "celeba": the centre 140 x 140 of an aligned 178 x 218 CelebA face (other sizes refused);
-    crop "square": the centre min(H, W) square (smaller than size x size refused).
+    crop "square": the centre min(H, W) square of any image. Shrinking uses cv2's INTER_AREA (an average
+    over each output pixel's footprint), enlarging INTER_CUBIC.
     """
     h, w = image.shape[:2]
     if crop == "celeba" and (h, w) != CELEBA_HW:
         raise ValueError(f"is {w}x{h}, expected CelebA's aligned {CELEBA_HW[1]}x{CELEBA_HW[0]} (width x height)")
     side = CELEBA_CROP if crop == "celeba" else min(h, w)
-    if side < size:
-        raise ValueError(f"is {w}x{h}, smaller than {size}x{size}")
     top, left = (h - side) // 2, (w - side) // 2
-    square = image[top:top + side, left:left + side]                       # (side, side, 3)
-    small = cv2.resize(square, (size, size), interpolation=cv2.INTER_AREA)  # (size, size, 3)
-    return cv2.cvtColor(small, cv2.COLOR_BGR2RGB)
+    square = np.ascontiguousarray(image[top:top + side, left:left + side])       # (side, side, 3)
+    how = cv2.INTER_AREA if side >= size else cv2.INTER_CUBIC
+    return cv2.resize(square, (size, size), interpolation=how)                   # (size, size, 3)
+
+
+def read_rgb(data):
+    """Image file bytes -> RGB uint8 (H, W, 3), whatever Pillow reads (PNG, JPEG, BMP, WebP; RGB, grey,
+    palette, with or without alpha). Transparent pixels are composited over white."""
+    from PIL import Image
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            rgba = im.convert("RGBA")
+            im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
 def _decode(path, crop, size):
-    image = cv2.imread(path, cv2.IMREAD_COLOR)
-    if image is None:
-        return f"image {path} is missing or unreadable"
+    """(image (size, size, 3), its original (width, height), sha1 of the file's bytes) or an error line."""
     try:
-        return preprocess(image, crop, size)
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as e:
+        return f"image {path} is missing or unreadable ({e.strerror})"
+    try:
+        rgb = read_rgb(data)
+    except Exception as e:  # Pillow raises several kinds for a file that is not an image
+        return f"image {path} is not an image Pillow can read ({type(e).__name__})"
+    try:
+        return preprocess(rgb, crop, size), (rgb.shape[1], rgb.shape[0]), hashlib.sha1(data).hexdigest()
     except ValueError as e:
         return f"image {path} {e}"
 
 
-def cached_images(paths, crop, size, cache_dir, workers=4):
-    """(uint8 (N, size, size, 3) for `paths`, the cache file), decoded once and kept in cache_dir.
+def _stat(path):
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
 
-    The cache file is named after crop, size and a hash of the paths. It is written to a temporary file
-    and renamed; the .json beside it is written after, so only a complete cache is ever reused. A bad
-    image stops the decoding at once (queued decodes are cancelled) with a one-line error naming it.
-    """
-    key = _digest(paths)
-    stem = os.path.join(cache_dir, f"images_{crop}{size}_{key}")
-    if os.path.isfile(stem + ".json") and os.path.isfile(stem + ".npy"):
-        images = np.load(stem + ".npy")
-        if images.shape == (len(paths), size, size, 3):
-            print(f"cache: {len(paths)} images from {stem}.npy")
-            return images, stem + ".npy"
-    os.makedirs(cache_dir, exist_ok=True)
-    images = np.zeros((len(paths), size, size, 3), dtype=np.uint8)
-    pool = concurrent.futures.ThreadPoolExecutor(max(1, workers))   # cv2 releases the GIL
+
+def _decode_rows(paths, rows, crop, size, workers, images, hashes, shapes):
+    """Decode paths[rows] into images/hashes/shapes (in place) with a thread pool; a bad image stops the
+    decoding at once (queued decodes are cancelled) with a one-line error naming it."""
+    pool = concurrent.futures.ThreadPoolExecutor(max(1, workers))   # Pillow and cv2 release the GIL
     try:
-        results = pool.map(lambda p: _decode(p, crop, size), paths)
-        for i, result in enumerate(plumbing.progress(results, "decode", total=len(paths), unit="image")):
+        results = pool.map(lambda i: _decode(paths[i], crop, size), rows)
+        for i, result in zip(rows, plumbing.progress(results, "decode", total=len(rows), unit="image")):
             if isinstance(result, str):
                 _fail(result)
-            images[i] = result
+            images[i], shapes[i], hashes[i] = result
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-    tmp = stem + ".tmp.npy"
-    np.save(tmp, images)
-    os.replace(tmp, stem + ".npy")
-    plumbing.write_json(dict(n=len(paths), crop=crop, size=size, paths_digest=key, first=str(paths[0])), stem + ".json")
-    print(f"cache: decoded {len(paths)} images into {stem}.npy")
-    return images, stem + ".npy"
+
+
+def cached_images(paths, crop, size, cache_dir, workers=4):
+    """(uint8 (N, size, size, 3) for `paths`, the cache file, sha1 of each file's bytes), decoded once.
+
+    The cache is keyed by the images' CONTENT: its .json keeps each file's size, modification time and
+    sha1. On reuse every file is stat'ed; a file whose size or time changed is hashed again, and a file
+    whose bytes changed is decoded again (one line says how many). The .npy is written first and the
+    .json after it, each atomically, so only a complete cache is ever reused.
+    """
+    stem = os.path.join(cache_dir, f"images_{crop}{size}_{_digest(paths)}")
+    images, hashes, shapes = np.zeros((len(paths), size, size, 3), np.uint8), [""] * len(paths), [None] * len(paths)
+    old = _read_cache(stem, len(paths), size)
+    todo, moved = list(range(len(paths))), []
+    if old is not None:
+        images[:], meta = old
+        stats = [_stat(p) if os.path.exists(p) else None for p in paths]
+        moved = [i for i in todo if stats[i] != meta["files"][i][:2]]
+        hashes[:], shapes[:] = [f[2] for f in meta["files"]], [tuple(f[3]) for f in meta["files"]]
+        todo = [i for i in moved if stats[i] is None or _sha1(paths[i]) != meta["files"][i][2]]
+        print(f"cache: {len(paths)} images from {stem}.npy" + (f"; {len(todo)} changed since it was built "
+                                                               f"(new content): re-reading them" if todo else ""))
+    if todo:
+        _decode_rows(paths, todo, crop, size, workers, images, hashes, shapes)
+    if todo or old is None or moved:
+        _write_cache(stem, images, [[*_stat(p), h, list(sh)] for p, h, sh in zip(paths, hashes, shapes)], crop, size)
+    if old is None:
+        _print_sizes(shapes, crop, size)
+    return images, stem + ".npy", hashes
+
+
+def _sha1(path):
+    with open(path, "rb") as fh:
+        return hashlib.sha1(fh.read()).hexdigest()
+
+
+def _read_cache(stem, n, size):
+    """(images, meta) of a complete cache for n images of this size, else None."""
+    try:
+        meta = plumbing.read_json(stem + ".json", "cache index")
+        images = np.load(stem + ".npy")
+    except (SystemExit, OSError, ValueError):
+        return None
+    if images.shape != (n, size, size, 3) or len(meta.get("files", [])) != n:
+        return None
+    return images, meta
+
+
+def _write_cache(stem, images, files, crop, size):
+    buf = io.BytesIO()
+    np.save(buf, images)
+    plumbing.write_bytes_atomically(stem + ".npy", buf.getvalue())
+    plumbing.write_json(dict(n=len(files), crop=crop, size=size, files=files), stem + ".json")
+
+
+def _print_sizes(shapes, crop, size):
+    """One line: what preprocessing did to the images (their sizes, the crop, the resize)."""
+    widths, heights = [s[0] for s in shapes], [s[1] for s in shapes]
+    sizes = sorted(set(shapes))
+    span = (f"{sizes[0][0]}x{sizes[0][1]}" if len(sizes) == 1 else
+            f"{len(sizes)} sizes from {min(widths)}x{min(heights)} to {max(widths)}x{max(heights)}")
+    cropped = sum(w != h for w, h in shapes)
+    print(f"images: {len(shapes)} of {span}; " + ("the centre 140x140 of each aligned face" if crop == "celeba" else
+          f"{cropped} centre-cropped to a square") + f", resized to {size}x{size} (--size)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -511,14 +586,14 @@ def classifier_stage(cfg, data, images, name, train_idx, score_idx, stream):
     """Train a SmallCNN on rows train_idx and score rows score_idx; reuse a finished checkpoint.
 
     The checkpoint classifiers/<name>.pt holds the model, its config, the training identity (settings
-    and a hash of the training rows and labels) and the scores, so a rerun with the same identity
+    and a hash of the training images' bytes and labels) and the scores, so a rerun with the same identity
     skips training and scoring. Returns the checkpoint dict.
     """
     path = os.path.join(cfg.out, "classifiers", f"{name}.pt")
     labels = data["labels"]
     identity = dict(name=name, width=cfg.width, size=cfg.size, steps=cfg.steps, batch=cfg.batch, lr=cfg.lr,
                     precision=cfg.precision, seed=cfg.seed, stream=stream,
-                    train=_digest(data["paths"][train_idx], labels[train_idx]), scored=_digest(data["paths"][score_idx]))
+                    train=_digest(data["hashes"][train_idx], labels[train_idx]), scored=_digest(data["hashes"][score_idx]))
     if os.path.isfile(path):
         ckpt = plumbing.load_checkpoint(path, KIND)
         if ckpt.get("identity") == identity and "scored" in ckpt:
@@ -571,7 +646,7 @@ def evaluation_stage(cfg, data, images, splits):
     _, logits = _scores(ckpt, n)
     # The temperature is fitted on val and measured on test: a saved one is reused only for the same
     # val and test rows (moving images between val and test keeps the training set, hence the model).
-    held_out = dict(val=_digest(data["paths"][splits["val"]]), test=_digest(data["paths"][splits["test"]]))
+    held_out = dict(val=_digest(data["hashes"][splits["val"]]), test=_digest(data["hashes"][splits["test"]]))
     if ckpt.get("calibration_splits") != held_out:
         if "calibration" in ckpt:
             print("[evaluation] the val or test rows changed: fitting the temperature again")
@@ -717,9 +792,27 @@ def load_kept(out, oversample=True):
 # ----------------------------------------------------------------------------------------------
 
 def read_dataset(cfg):
+    """The labelled images of --data (paths, labels, splits, class names), refused in one line when a class
+    has too few images for the filter to work (see min_per_class)."""
     if cfg.data == "celeba":
-        return celeba_dataset(cfg.root, cfg.attr)
-    return folder_dataset(cfg.root, cfg.seed) if cfg.data == "folder" else csv_dataset(cfg.csv, cfg.seed)
+        data = celeba_dataset(cfg.root, cfg.attr)
+    elif cfg.data == "folder":
+        data = folder_dataset(cfg.root, cfg.seed, cfg.classes)
+    else:
+        data = csv_dataset(cfg.csv, cfg.seed)
+    need = min_per_class(cfg.members)
+    counts = np.bincount(data["labels"][data["labels"] >= 0], minlength=2)
+    for c, n in enumerate(counts):
+        if n < need:
+            _fail(f"class {data['class_names'][c]!r} has {n} images; the filter needs at least {need} per class "
+                  f"({cfg.members} ensemble members x 4 training images each, plus validation and test images)")
+    return data
+
+
+def min_per_class(members):
+    """Images per class the filter needs: each of the `members` ensemble members trains on at least 4
+    images of the class after the 80% training split, and the val and test splits get some too."""
+    return int(np.ceil(4 * members / 0.8))
 
 
 def filter_steps(cfg, data, images, splits):
@@ -778,7 +871,8 @@ def run_filter(cfg):
     if os.path.exists(os.path.join(cfg.out, "index.csv")):
         os.remove(os.path.join(cfg.out, "index.csv"))
     data = read_dataset(cfg)
-    images, cache_file = cached_images(data["paths"], data["crop"], cfg.size, cfg.cache, cfg.workers)
+    images, cache_file, hashes = cached_images(data["paths"], data["crop"], cfg.size, cfg.cache, cfg.workers)
+    data["hashes"] = np.array(hashes)  # classifiers are keyed by the content of their images, not by paths
     labels, n = data["labels"], len(data["labels"])
     splits = {s: np.flatnonzero((data["splits"] == c) & (labels >= 0)) for c, s in enumerate(SPLITS)}
     plumbing.write_json(dict(vars(cfg), device=str(cfg.device), class_names=data["class_names"],
@@ -825,6 +919,8 @@ def parse_args(argv=None):
     parser = plumbing.OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", required=True, choices=["celeba", "folder", "csv"], help="input layout")
     parser.add_argument("--root", help="CelebA folder, or the folder of class folders")
+    parser.add_argument("--classes", type=lambda t: [c.strip() for c in t.split(",") if c.strip()],
+                        help="--data folder: the two class folders to use when --root holds more, e.g. cats,dogs")
     parser.add_argument("--csv", help="--data csv: file of path,label[,split] rows")
     parser.add_argument("--attr", help="CelebA attribute (Smiling) or two (Blond_Hair,Black_Hair)")
     parser.add_argument("--out", required=True, help="output folder (created)")
@@ -858,6 +954,8 @@ def parse_args(argv=None):
     for flag in need:
         if not getattr(args, flag):
             parser.error(f"--data {args.data} needs --{flag}")
+    if args.classes is not None and (args.data != "folder" or len(args.classes) != 2):
+        parser.error(f"--classes names the two class folders of --data folder, got {args.classes}")
     for flag in ("tau1", "tau2"):
         if not 0.0 < getattr(args, flag) < 1.0:
             parser.error(f"--{flag} must be in (0, 1), got {getattr(args, flag)}")

@@ -70,7 +70,8 @@ FILTER_RUN_CONTROL = ("device", "workers", "threads", "cache")  # filter_data.py
 
 def source_flags(cfg):
     """The flags that name the labelled images, shared by train.py and filter_data.py."""
-    return ["--data", cfg.data, *dict(celeba=["--attr", cfg.attr, "--root", cfg.root], folder=["--root", cfg.root],
+    folder = ["--root", cfg.root] + (["--classes", cfg.classes] if cfg.classes else [])
+    return ["--data", cfg.data, *dict(celeba=["--attr", cfg.attr, "--root", cfg.root], folder=folder,
                                       csv=["--csv", cfg.csv])[cfg.data]]
 
 

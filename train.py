@@ -135,6 +135,8 @@ class Config:
     root: str = field(default="", metadata={"help": "--data celeba: the CelebA folder (img_align_celeba/, "
                                             "list_attr_celeba.txt, list_eval_partition.txt); --data folder: the "
                                             "folder of two class folders (sorted names: class 0, class 1)"})
+    classes: str = field(default="", metadata={"help": "--data folder: the two class folders to use when --root "
+                                               "holds more, e.g. cats,dogs ('' = the only two)"})
     csv: str = field(default="", metadata={"help": "--data csv: file of path,label[,split] rows (filter_data.py)"})
     attr: str = field(default="Smiling", metadata={"help": "--data celeba: the CelebA attribute (class 1 = present)"})
     subset: str = field(default="all", metadata={"help": "--data celeba|folder|csv: extreme images kept by "

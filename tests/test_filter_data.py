@@ -120,30 +120,61 @@ def test_attribute_file_errors_name_the_file_and_line(tmp_path):
 
 def test_preprocess_celeba_centre_crop_and_area_resize():
     rng = np.random.default_rng(0)
-    bgr = rng.integers(0, 256, (218, 178, 3), dtype=np.uint8)
-    out = fd.preprocess(bgr, "celeba", 64)
-    # the centre 140 x 140: rows 39..178, columns 19..158; INTER_AREA; BGR -> RGB
-    expected = cv2.resize(bgr[39:179, 19:159], (64, 64), interpolation=cv2.INTER_AREA)[:, :, ::-1]
+    rgb = rng.integers(0, 256, (218, 178, 3), dtype=np.uint8)
+    out = fd.preprocess(rgb, "celeba", 64)
+    # the centre 140 x 140: rows 39..178, columns 19..158; INTER_AREA
+    expected = cv2.resize(rgb[39:179, 19:159], (64, 64), interpolation=cv2.INTER_AREA)
     assert out.shape == (64, 64, 3) and out.dtype == np.uint8 and np.array_equal(out, expected)
     with pytest.raises(ValueError, match="is 178x200, expected CelebA's aligned 178x218"):
-        fd.preprocess(bgr[:200], "celeba", 64)
+        fd.preprocess(rgb[:200], "celeba", 64)
     # generic: centre square crop of a 100 x 80 (H x W) image: rows 10..89
-    assert np.array_equal(fd.preprocess(bgr[:100, :80], "square", 64),
-                          cv2.resize(bgr[10:90, :80], (64, 64), interpolation=cv2.INTER_AREA)[:, :, ::-1])
-    with pytest.raises(ValueError, match="smaller than 64x64"):
-        fd.preprocess(bgr[:50, :80], "square", 64)
+    assert np.array_equal(fd.preprocess(rgb[:100, :80], "square", 64),
+                          cv2.resize(rgb[10:90, :80], (64, 64), interpolation=cv2.INTER_AREA))
+    # smaller than the target: the centre 50 x 50 of a 50 x 80 image, enlarged with INTER_CUBIC
+    assert np.array_equal(fd.preprocess(rgb[:50, :80], "square", 64),
+                          cv2.resize(rgb[:50, 15:65], (64, 64), interpolation=cv2.INTER_CUBIC))
 
 
-def test_cache_is_built_once_and_reused(tmp_path, monkeypatch):
+def test_read_rgb_takes_any_mode_pillow_reads(tmp_path):
+    from PIL import Image
+    grey = np.arange(48 * 48, dtype=np.uint8).reshape(48, 48)
+    cases = {"grey.png": Image.fromarray(grey, "L"), "rgb.jpg": Image.fromarray(np.stack([grey] * 3, -1), "RGB")}
+    rgba = np.zeros((48, 48, 4), np.uint8)
+    rgba[..., 0], rgba[:24, :, 3] = 200, 255                     # red, top half opaque, bottom half transparent
+    cases["rgba.png"] = Image.fromarray(rgba, "RGBA")
+    cases["palette.png"] = Image.fromarray(np.stack([grey] * 3, -1), "RGB").convert("P", palette=Image.ADAPTIVE)
+    for name, im in cases.items():
+        im.save(tmp_path / name)
+    read = {name: fd.read_rgb((tmp_path / name).read_bytes()) for name in cases}
+    assert all(a.shape == (48, 48, 3) and a.dtype == np.uint8 for a in read.values())
+    assert np.array_equal(read["grey.png"], np.stack([grey] * 3, -1))          # grey -> three equal channels
+    assert (read["rgba.png"][:24] == (200, 0, 0)).all()                          # opaque: its colour
+    assert (read["rgba.png"][24:] == 255).all()                                  # transparent: over white
+    assert np.array_equal(read["palette.png"], np.stack([grey] * 3, -1))        # 256 greys fit a palette exactly
+    with pytest.raises(Exception):
+        fd.read_rgb(b"not an image")
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    assert "is not an image Pillow can read" in fd._decode(str(tmp_path / "bad.png"), "square", 32)
+
+
+def test_cache_is_built_once_reused_and_keyed_by_content(tmp_path, monkeypatch, capsys):
     make_celeba(str(tmp_path / "c"), n=6)
     d = fd.celeba_dataset(str(tmp_path / "c"), "Smiling")
-    images, path = fd.cached_images(d["paths"], "celeba", 64, str(tmp_path / "cache"), workers=2)
-    direct = np.stack([fd.preprocess(cv2.imread(p), "celeba", 64) for p in d["paths"]])
+    images, path, hashes = fd.cached_images(d["paths"], "celeba", 64, str(tmp_path / "cache"), workers=2)
+    direct = np.stack([fd.preprocess(cv2.imread(p)[:, :, ::-1], "celeba", 64) for p in d["paths"]])
     assert images.shape == (6, 64, 64, 3) and np.array_equal(images, direct)
-    assert os.path.isfile(path) and os.path.isfile(path[:-4] + ".json")
+    assert os.path.isfile(path) and os.path.isfile(path[:-4] + ".json") and len(set(hashes)) == 6
+    decode = fd._decode
     monkeypatch.setattr(fd, "_decode", lambda *a: pytest.fail("a cached image was decoded again"))
-    again, path2 = fd.cached_images(d["paths"], "celeba", 64, str(tmp_path / "cache"))
-    assert path2 == path and np.array_equal(again, images)
+    again, path2, hashes2 = fd.cached_images(d["paths"], "celeba", 64, str(tmp_path / "cache"))
+    assert path2 == path and np.array_equal(again, images) and hashes2 == hashes
+    # Replace one image under the same name: its bytes changed, so it (and only it) is read again.
+    monkeypatch.setattr(fd, "_decode", decode)
+    shutil.copyfile(d["paths"][1], d["paths"][4])
+    capsys.readouterr()
+    changed, _, hashes3 = fd.cached_images(d["paths"], "celeba", 64, str(tmp_path / "cache"))
+    assert "1 changed since it was built" in capsys.readouterr().out
+    assert np.array_equal(changed[4], images[1]) and hashes3[4] == hashes[1] and hashes3[:4] == hashes[:4]
 
 
 def test_folder_and_csv_readers(tmp_path):
@@ -156,7 +187,7 @@ def test_folder_and_csv_readers(tmp_path):
     assert d["class_names"] == ["neutral", "smile"] and d["crop"] == "square"   # sorted folder names -> 0, 1
     assert np.bincount(d["labels"]).tolist() == [8, 12] and np.bincount(d["splits"]).tolist() == [16, 2, 2]
     assert d["paths"][0].endswith(os.path.join("neutral", "0.png"))
-    images, _ = fd.cached_images(d["paths"], d["crop"], 64, str(tmp_path / "cache"))
+    images, _, _ = fd.cached_images(d["paths"], d["crop"], 64, str(tmp_path / "cache"))
     three = list(d["paths"]).index(os.path.abspath(str(tmp_path / "f" / "smile" / "3.png")))
     assert d["labels"][three] == 1 and images[three].min() == images[three].max() == 30   # uniformly 30
     # CSV: header, relative paths, string labels, explicit splits
@@ -177,8 +208,23 @@ def test_folder_and_csv_readers(tmp_path):
     with pytest.raises(fd.DataError, match="expected exactly two distinct labels, found 1"):
         fd.csv_dataset(str(tmp_path / "one.csv"))
     os.makedirs(tmp_path / "f" / "third")
-    with pytest.raises(fd.DataError, match="expected exactly two class folders, found 3"):
+    with pytest.raises(fd.DataError, match=r"expected two class folders, found 3 \(neutral, smile, third\); pick two "
+                                           "with --classes A,B"):
         fd.folder_dataset(str(tmp_path / "f"))
+    assert fd.folder_dataset(str(tmp_path / "f"), classes=["smile", "neutral"])["class_names"] == ["neutral", "smile"]
+    with pytest.raises(fd.DataError, match="--classes: .* has no class folder 'cats'"):
+        fd.folder_dataset(str(tmp_path / "f"), classes=["smile", "cats"])
+
+
+def test_too_few_images_per_class_is_refused_with_the_number_needed(tmp_path):
+    assert fd.min_per_class(5) == 25 and fd.min_per_class(2) == 10    # ceil(4 members / 0.8)
+    for name, count in (("a", 30), ("b", 24)):
+        os.makedirs(tmp_path / "f" / name)
+        for i in range(count):
+            cv2.imwrite(str(tmp_path / "f" / name / f"{i}.png"), np.full((8, 8, 3), i, np.uint8))
+    args = fd.parse_args(["--data", "folder", "--root", str(tmp_path / "f"), "--out", str(tmp_path / "o")])
+    with pytest.raises(fd.DataError, match="class 'b' has 24 images; the filter needs at least 25 per class"):
+        fd.read_dataset(args)
 
 
 # ---------------------------------------------------------------- the steps, calibration, leakage
@@ -334,7 +380,7 @@ def test_kept_images_load_and_score_back(run):
     k = np.flatnonzero(ix["kept"] == 1)
     assert data["images"].shape == (len(k), 64, 64, 3) and data["images"].dtype == np.uint8
     assert np.array_equal(data["labels"], ix["label"][k])
-    direct = np.stack([fd.preprocess(cv2.imread(p), "celeba", 64) for p in ix["path"][k[:5]]])
+    direct = np.stack([fd.preprocess(cv2.imread(p)[:, :, ::-1], "celeba", 64) for p in ix["path"][k[:5]]])
     assert np.array_equal(data["images"][:5], direct)                          # the cache holds the decoded faces
     model, ckpt = fd.load_attribute_classifier(os.path.join(out, "classifiers", "evaluation.pt"))
     assert ckpt["model_config"]["width"] == 8 and float(model.temperature) == ckpt["calibration"]["temperature"]
@@ -424,7 +470,7 @@ def test_swapped_val_test_rows_refit_the_temperature_and_precision_retrains(tmp_
 
 # ---------------------------------------------------------------- command line: bad inputs
 
-def small_set(tmp_path, n=20):
+def small_set(tmp_path, n=70):
     make_celeba(str(tmp_path / "c"), n=n)
     return ["--data", "celeba", "--root", str(tmp_path / "c"), "--out", str(tmp_path / "out"), "--workers", "1"]
 
@@ -434,7 +480,7 @@ def test_bad_input_fails_in_one_line_without_an_index(tmp_path, case):
     args, attr = small_set(tmp_path), ["--attr", "Smiling"]
     img = str(tmp_path / "c" / "img_align_celeba" / "000007.jpg")
     expect = {"no_attr_file": "list_attr_celeba.txt not found", "unknown_attr": "unknown attribute 'Smilling'; valid:",
-              "unreadable": "000007.jpg is missing or unreadable", "wrong_size": "000007.jpg is 100x120, expected",
+              "unreadable": "000007.jpg is not an image Pillow can read", "wrong_size": "000007.jpg is 100x120, expected",
               "empty_class": "is empty after step 1 (--tau1 0.9)"}[case]
     os.makedirs(tmp_path / "out")
     (tmp_path / "out" / "index.csv").write_text("path,label\nstale,0\n")   # a previous run's index, in every case

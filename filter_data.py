@@ -529,9 +529,17 @@ def reliability(logits, labels, temperature=1.0, bins=10):
 
 def calibrate(logits, labels):
     """Temperature scaling on held-out (logits, labels): T by classifier.fit_temperature (LBFGS from 1.5);
-    NLL and ECE before (T = 1) and after."""
+    NLL and ECE before (T = 1) and after. A fit that diverges (T not finite and positive) or that makes the
+    held-out NLL worse is not used: T = 1, and `kept_t1` says why (the report shows it)."""
     t = classifier.fit_temperature(torch.as_tensor(np.asarray(logits, np.float64)), torch.as_tensor(labels))
-    return dict(temperature=t, nll_before=nll(logits, labels), nll_after=nll(logits, labels, t),
+    before = nll(logits, labels)
+    reason = ("" if math.isfinite(t) and 0 < t < 1e6 else f"the fit diverged (T = {t:g})")
+    if not reason and not nll(logits, labels, t) <= before:
+        reason = f"T = {t:.4g} made the held-out NLL worse ({nll(logits, labels, t):.4g} > {before:.4g})"
+    if reason:
+        print(f"[evaluation] temperature scaling not used: {reason}; keeping T = 1")
+        t = 1.0
+    return dict(temperature=t, nll_before=before, nll_after=nll(logits, labels, t), kept_t1=reason or None,
                 ece_before=reliability(logits, labels)["ece"], ece_after=reliability(logits, labels, t)["ece"])
 
 

@@ -35,6 +35,7 @@ def render(out):
         for row in r["rows"]:
             evaluate.plot_histogram_vs_uniform(np.asarray(row["scores"]), os.path.join(out, "figures", f"hist_{row['name']}.png"),
                                                f"p({r['attr']}) of the {row['label']} (evaluation classifier)")
+        plot_scores_vs_data(r, os.path.join(out, "figures", "scores_vs_data.png"))
         text = real_images_report(r)
     plumbing.write_bytes_atomically(os.path.join(out, "report.md"), text.encode())
     return text
@@ -201,17 +202,61 @@ def real_images_intro(r):
     source = ("CelebA's" if c["data"] == "celeba" else
               f"{r['class_names'][0]} vs {r['class_names'][1]} (--data {c['data']}):")
     lines = [f"# Zero-shot interpolation of {source} {attr} (paper Sections 5.1-5.3)", ""]
-    if smoke:
+    if smoke and c["data"] == "celeba":
         lines += ["**Smoke scale.** This run used a reduced configuration (U-Net '" + c["unet"] + f"', {c['steps']} "
                   f"DDPM steps, {c['n_samples']} samples): it checks that the pipeline runs end to end; it is NOT a "
                   "reproduction. The paper's numbers need `--paper` on a GPU.", ""]
+    elif smoke:
+        lines += [f"CPU preset: U-Net '{c['unet']}' at {c['image_size']}x{c['image_size']}, {c['steps']} DDPM steps, "
+                  f"{c['n_samples']} samples. More steps (`--steps`) or a GPU give sharper samples.", ""]
     judge = r["evaluation_classifier"]
     return lines + [
         f"Command: `{r.get('command', 'python train.py')}` (configuration in `config.json`, numbers in `results.json`, "
         f"the filter in `{r['filter_out']}`).", "",
         f"Training set: {sum(r['training_per_class'])} extreme images, {r['training_per_class']} per class "
         f"{r['class_names']}. Judge: filter_data.py's evaluation classifier (test accuracy "
-        f"{judge['test_accuracy']:.3f}, temperature {judge['temperature']:.3f}). Score = its calibrated p({attr}).", ""]
+        f"{judge['test_accuracy']:.3f}, temperature {judge['temperature']:.3f}"
+        f"{'' if not judge.get('kept_t1') else '; temperature scaling not used: ' + judge['kept_t1']}). "
+        f"Score = its calibrated p({attr}).", ""]
+
+
+def plot_scores_vs_data(r, path):
+    """The judge's p(class 1): the real training images (grey) and the kept extremes (outline) behind the
+    guided and the unguided samples, as densities over [0, 1] (50 bins); dashed lines at 0.2 and 0.8."""
+    f, rows = r.get("filter"), {row["name"]: row for row in r["rows"]}
+    fig = plumbing.new_figure(7.0, 3.8)
+    ax = fig.add_subplot(1, 1, 1)
+    bins = np.linspace(0, 1, 51)
+    if f:
+        ax.hist(f["data_scores"], bins=bins, density=True, color="0.8", label=f"real training images ({f['n_train']})")
+        ax.hist(f["kept_scores"], bins=bins, density=True, histtype="step", color="0.4", lw=1.2,
+                label=f"kept by the filter ({f['n_kept']})")
+    for name, colour in (("unconditional", "tab:orange"), ("guided_run0", "tab:blue")):
+        if name in rows:
+            ax.hist(rows[name]["scores"], bins=bins, density=True, histtype="step", lw=2, color=colour,
+                    label=rows[name]["label"])
+    for edge in (0.2, 0.8):
+        ax.axvline(edge, color="green", ls="--", lw=1)
+    ax.set_xlabel(f"p({r['attr']}) by the evaluation classifier")
+    ax.set_ylabel("density")
+    ax.set_title(f"{r['class_names'][0]} (0) to {r['class_names'][1]} (1): data, kept extremes, samples")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    plumbing.save_figure(fig, path)
+
+
+def filter_lines(r):
+    """report.md lines: what the filter kept, and how much of the real middle band survived."""
+    f = r.get("filter")
+    if not f:
+        return []
+    survival = "no training image scored in the middle band" if f["mild_survival"] is None else (
+        f"{f['n_mild_kept']} of the {f['n_mild']} training images the judge scores in [0.2, 0.8] survived "
+        f"({_pct(f['mild_survival'])}); they are {_pct(f['mild_fraction_of_kept'])} of the kept set")
+    return [f"Filter (Sec. 4.3, App. D.1): kept {f['n_kept']} of {f['n_train']} training images "
+            f"({_pct(f['kept_fraction'])}); {survival}.", "",
+            "The judge's scores of the real data, the kept extremes and the samples: "
+            "![scores vs data](figures/scores_vs_data.png)", ""]
 
 
 def real_images_report(r):
@@ -219,7 +264,7 @@ def real_images_report(r):
     c, attr = r["config"], r["attr"]
     subset = "60k, the paper's full extreme set" if c["subset"] == "all" else c["subset"]
     celeba = c["data"] == "celeba"
-    lines = real_images_intro(r) + [
+    lines = real_images_intro(r) + filter_lines(r) + [
         "Histogram of the scores, 100 bins, against uniform (App. B); lower is better. `data`: bins over "
         "[min, max] of the scores, as the released code (and so, presumably, the paper's numbers); `unit`: "
         "bins over [0, 1], as the text describes.", "",

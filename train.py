@@ -172,6 +172,11 @@ PAPER_PRESETS = {
                     n_samples=1000, sample_batch=250, clf="paper", clf_steps=3000, clf_lr=3e-4, runs=10),
     **real_images.PAPER_PRESETS}
 PAPER_PRESETS["corners"] = dict(PAPER_PRESETS["circles"], lambdas="30,30,30,30")  # same numbers, 4 classes
+# --quick: a first complete result in a few minutes on a laptop CPU (fewer steps and samples, no App. K
+# regressor); the numbers are rougher than the default's. The times are in docs/RESULTS.md.
+QUICK_PRESETS = {"circles": dict(steps=1000, clf_steps=200, regressor_steps=0, n_samples=128),
+                 **real_images.QUICK_PRESETS}
+QUICK_PRESETS["corners"] = dict(QUICK_PRESETS["circles"], lambdas="30,30,30,30")
 
 
 def parse_config(argv=None):
@@ -179,14 +184,20 @@ def parse_config(argv=None):
     parser = plumbing.OneLineParser(description=__doc__.split("\n\n")[0])
     parser.formatter_class = argparse.RawDescriptionHelpFormatter  # defaults are written into each help
     parser.add_argument("--paper", action="store_true", help="the paper's configuration (for GPUs)")
-    presets = {**{d: p for d, p in PRESETS.items()}, **{f"--paper {d}": p for d, p in PAPER_PRESETS.items()}}
-    plumbing.add_dataclass_flags(parser, Config, presets, groups={"--paper": [f"--paper {d}" for d in PAPER_PRESETS]})
+    parser.add_argument("--quick", action="store_true", help="a first complete result in minutes on a CPU (rougher)")
+    presets = {**PRESETS, **{f"--paper {d}": p for d, p in PAPER_PRESETS.items()},
+               **{f"--quick {d}": p for d, p in QUICK_PRESETS.items()}}
+    plumbing.add_dataclass_flags(parser, Config, presets, groups={"--paper": [f"--paper {d}" for d in PAPER_PRESETS],
+                                                                  "--quick": [f"--quick {d}" for d in QUICK_PRESETS]})
     parser.add_argument("--cfg", action="store_const", const="free", dest="guidance", help="same as --guidance free")
     args = parser.parse_args(argv)
-    values = {**PRESETS[args.data or "circles"], **(PAPER_PRESETS[args.data or "circles"] if args.paper else {})}
-    values.update({k: v for k, v in vars(args).items() if v is not None and k != "paper"})
+    if args.paper and args.quick:
+        parser.error("--paper is the paper's configuration and --quick a rough CPU one: pass one of them")
+    data = args.data or "circles"
+    values = {**PRESETS[data], **(PAPER_PRESETS[data] if args.paper else QUICK_PRESETS[data] if args.quick else {})}
+    values.update({k: v for k, v in vars(args).items() if v is not None and k not in ("paper", "quick")})
     cfg = Config(**values)
-    cfg.out = cfg.out or os.path.join("runs", cfg.data + ("_paper" if args.paper else ""))
+    cfg.out = cfg.out or os.path.join("runs", data + ("_paper" if args.paper else "_quick" if args.quick else ""))
     check_config(cfg, parser)
     return cfg
 
@@ -532,6 +543,7 @@ def run_real_images(cfg, rt):
     return dict(data=cfg.data, attr=real_images.attribute_name(cfg, data["class_names"]), subset=cfg.subset,
                 class_names=data["class_names"], memorization=memo, training_per_class=per_class, rows=rows,
                 lambdas=parse_floats(cfg.lambdas), filter_out=fout, evaluation_classifier=real_images.judge_summary(fout),
+                filter=real_images.filter_summary(fout),
                 timings_s=timings, paper={k: {s: list(v) for s, v in t.items()} for k, t in real_images.PAPER_FACES.items()})
 
 

@@ -203,8 +203,15 @@ def test_folder_layout_runs_the_same_pipeline(tmp_path, celeba):
     assert all(row["paper"] is None for row in res["rows"])          # the paper's numbers are CelebA Smiling's
     config = json.load(open(out / "filter" / "config.json"))
     assert config["data"] == "folder" and config["root"] == str(tmp_path / "mine")
-    assert "b_smile" in (out / "report.md").read_text()
-    assert r.stdout.strip().splitlines()[-1].startswith("HEADLINE b_smile")
+    text = (out / "report.md").read_text()
+    assert "b_smile" in text and "a_neutral" in text
+    assert "CelebA" not in text and "paper MSE" not in text and "Smoke scale" not in text   # about your data only
+    assert "Filter (Sec. 4.3" in text and (out / "figures" / "scores_vs_data.png").exists()
+    f = res["filter"]
+    assert 0 < f["n_kept"] <= f["n_train"] and f["kept_fraction"] == pytest.approx(f["n_kept"] / f["n_train"])
+    assert len(f["data_scores"]) == f["n_train"] and len(f["kept_scores"]) == f["n_kept"]
+    assert r.stdout.strip().splitlines()[-1].startswith("HEADLINE b_smile") and "paper" not in r.stdout.splitlines()[-1]
+    assert "images: " in r.stdout and "resized to 16x16" in r.stdout      # one line says what preprocessing did
     # the same one-line refusals as for CelebA
     r = run_cli("--data", "folder", "--out", str(tmp_path / "x"))
     assert one_line_error(r)[0] and "--root" in r.stderr, r.stderr

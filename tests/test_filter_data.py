@@ -274,6 +274,21 @@ def test_temperature_scaling_lowers_validation_nll():
     assert cal["nll_after"] == pytest.approx(torch_nll, rel=1e-9)
 
 
+@pytest.mark.parametrize("fitted, why", [(float("nan"), "diverged"), (float("inf"), "diverged"), (0.05, "worse")])
+def test_temperature_scaling_keeps_t1_when_the_fit_diverges_or_hurts(monkeypatch, fitted, why):
+    rng = np.random.default_rng(1)
+    z = rng.normal(0, 2, 500)
+    labels = (rng.uniform(size=500) < 1 / (1 + np.exp(-z))).astype(int)
+    logits = np.stack([np.zeros_like(z), z], axis=1)                     # calibrated already: T = 1 is right
+    monkeypatch.setattr(fd.classifier, "fit_temperature", lambda *a, **k: fitted)
+    cal = fd.calibrate(logits, labels)
+    assert cal["temperature"] == 1.0 and why in cal["kept_t1"]
+    assert cal["nll_after"] == cal["nll_before"] == pytest.approx(fd.nll(logits, labels, 1.0))
+    monkeypatch.setattr(fd.classifier, "fit_temperature", lambda *a, **k: 2.0)  # a fit that helps is used
+    cal = fd.calibrate(2 * logits, labels)                               # over-confident by 2
+    assert cal["kept_t1"] is None and cal["temperature"] == 2.0 and cal["nll_after"] < cal["nll_before"]
+
+
 def test_chernoff_reproduces_app_d3():
     """App. D.3: p = 0.15^5, n = 60k: P(X >= 10) ~ 0.089, P(X >= 15) ~ 5e-4, P(X >= 20) ~ 7.2e-7."""
     n, p = 60000, 0.15 ** 5

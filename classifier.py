@@ -31,7 +31,6 @@ Run
     python classifier.py --help
 """
 import io
-import json
 import math
 import os
 
@@ -353,18 +352,17 @@ def load_classifier(path, device="cpu", use_ema=True):
 def main(argv=None):
     parser = plumbing.OneLineParser(description="Heatmap of a guidance classifier over circle centres (paper Fig. 7b).")
     parser.add_argument("--ckpt", required=True, help="classifier checkpoint (kind 'classifier')")
-    parser.add_argument("--out", required=True, help="output folder (created)")
-    parser.add_argument("--t", type=int, default=0, help="chain step of the checkpoint's diffusion (0 = nearly clean)")
-    parser.add_argument("--draws", type=int, default=4, help="noise draws averaged per centre")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the noise draws")
-    parser.add_argument("--batch", type=int, default=256, help="images per forward pass")
+    parser.add_argument("--t", type=plumbing.nonnegative_int, default=0,
+                        help="chain step of the checkpoint's diffusion (0 = nearly clean)")
+    parser.add_argument("--draws", type=plumbing.positive_int, default=4, help="noise draws averaged per centre")
+    plumbing.add_flags(parser, "seed", "device", "threads", "out", "overwrite", batch=256)
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA ones")
     args = parser.parse_args(argv)
-    if args.draws < 1 or args.batch < 1:
-        parser.error(f"--draws and --batch must be positive, got {args.draws} and {args.batch}")
-    if os.path.isfile(args.out):
-        parser.error(f"--out {args.out} is a file; expected a folder")
-    model, ckpt = load_classifier(args.ckpt, use_ema=not args.no_ema)
+    plumbing.check_out_folder(args.out)
+    device = plumbing.check_device(args.device)
+    plumbing.set_threads(args.threads)
+    plumbing.refuse_overwrite(args.out, [f"heatmap_t{args.t}.png", f"heatmap_t{args.t}.json"], args.overwrite)
+    model, ckpt = load_classifier(args.ckpt, device=device, use_ema=not args.no_ema)
     try:
         diffusion = ddpm.diffusion_from_config(ckpt["diffusion"])
         size = toy_circles.check_size(model.config["image_size"])
@@ -378,8 +376,7 @@ def main(argv=None):
     summary = plot_heatmap(xs, ys, p, size, png, f"p(right), chain step t = {args.t} (model step {t_model})")
     record = dict(ckpt=os.path.abspath(args.ckpt), t=args.t, model_t=t_model, draws=args.draws, seed=args.seed,
                   size=size, **summary, xs=xs.tolist(), ys=ys.tolist(), p_right=p.tolist())
-    plumbing.write_bytes_atomically(os.path.join(args.out, f"heatmap_t{args.t}.json"),
-                                       (json.dumps(record) + "\n").encode())
+    plumbing.write_json(record, os.path.join(args.out, f"heatmap_t{args.t}.json"))
     print(f"mean p(right) over the middle band {summary['middle_mean_p']:.3f}, "
           f"transition width {summary['transition_width']} columns; wrote {png}")
 

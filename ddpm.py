@@ -527,31 +527,29 @@ def forward_demo(path, T=1000, size=32, radius=6.0, seed=0):
     return abars
 
 
-def main():
-    parser = plumbing.OneLineParser(description="Print the key numbers of a diffusion schedule.")
-    parser.add_argument("--schedule", choices=["cosine", "linear"], default="cosine")
-    parser.add_argument("--T", type=int, default=4000, help="number of diffusion steps")
-    parser.add_argument("--respace", default="250", help="kept steps: '250', '10,15,20' or 'ddim50'")
-    parser.add_argument("--demo", metavar="OUT", default=None,
-                        help="also write OUT/forward_process.png: x_t for several t, abar_t of both schedules")
-    args = parser.parse_args()
-    if args.T < 1:
-        parser.error("--T must be a positive integer")
+def main(argv=None):
+    parser = plumbing.OneLineParser(description="Print the key numbers of a diffusion schedule.",
+                                    renamed={"--respace": "--sample-steps", "--demo": "--out"})
+    parser.add_argument("--schedule", choices=["cosine", "linear"], default="cosine", help="noise schedule")
+    parser.add_argument("--T", type=plumbing.positive_int, default=4000, help="number of diffusion steps")
+    plumbing.add_flags(parser, sample_steps="250")
+    parser.add_argument("--out", default="", help="also write OUT/forward_process.png: x_t for several t, abar_t "
+                        "of both schedules ('' = print only)")
+    args = parser.parse_args(argv)
     betas = get_betas(args.schedule, args.T)
     try:
-        kept = space_timesteps(args.T, args.respace)
+        kept = space_timesteps(args.T, args.sample_steps)
     except ValueError as e:
-        parser.error(f"--respace: {e}")
+        parser.error(f"--sample-steps: {e}")
     d = Diffusion(betas, timesteps=kept)
     abar = np.cumprod(1 - betas)
     print(f"{args.schedule} schedule, T = {args.T}: beta_1 = {betas[0]:.6g}, beta_T = {betas[-1]:.6g}, "
           f"abar at T/2 = {abar[args.T // 2]:.6g}")
-    print(f"respacing {args.respace!r}: {d.num_timesteps} steps, first kept {kept[:6]}, last {kept[-3:]}")
+    print(f"respacing {args.sample_steps!r}: {d.num_timesteps} steps, first kept {kept[:6]}, last {kept[-3:]}")
     print(f"respaced betas: first {d.float64['betas'][0]:.6g}, last {d.float64['betas'][-1]:.6g}")
-    if args.demo is not None:
-        if os.path.isfile(args.demo):
-            parser.error(f"--demo {args.demo} is a file; expected a folder")
-        path = os.path.join(args.demo, "forward_process.png")
+    if args.out:
+        plumbing.check_out_folder(args.out)
+        path = os.path.join(args.out, "forward_process.png")
         abars = forward_demo(path, T=args.T)
         half = {s: f"{a[args.T // 2]:.3f}" for s, a in abars.items()}
         print(f"abar at t = T/2: {half}; wrote {path}")

@@ -377,11 +377,11 @@ def test_unknown_loss_and_sampler():
 def test_cli_prints_facts():
     import subprocess
     import sys
-    r = subprocess.run([sys.executable, ddpm.__file__, "--T", "4000", "--respace", "ddim250"],
+    r = subprocess.run([sys.executable, ddpm.__file__, "--T", "4000", "--sample-steps", "ddim250"],
                        capture_output=True, text=True)
     assert r.returncode == 0 and "beta_1 = 9.86582e-06" in r.stdout and "3984" in r.stdout
-    r = subprocess.run([sys.executable, ddpm.__file__, "--respace", "ddim999"], capture_output=True, text=True)
-    assert r.returncode == 2 and "--respace" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, ddpm.__file__, "--sample-steps", "ddim999"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--sample-steps" in r.stderr and "Traceback" not in r.stderr
 
 
 # --- the loss resolved by noise level (a diagnostic) ------------------------------------------

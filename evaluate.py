@@ -700,7 +700,7 @@ def run_loss_by_t(args):
 
 def _nonnegative_ints(text):
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
+        values = [int(v) for v in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated chain indices, got {text!r}") from None
     if not values or min(values) < 0:
@@ -733,7 +733,8 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("circles", help="detect circles in generated samples (Section 5.5)")
     p.add_argument("--samples", required=True, help=".npz with key 'images', uint8 (N, S, S, 3)")
-    p.add_argument("--threshold", type=int, default=127, help="grey level above which a pixel is white")
+    p.add_argument("--threshold", type=plumbing.number(int, lambda v: 0 <= v <= 254, "an integer in [0, 254]"),
+                   default=127, help="grey level above which a pixel is white")
     p.set_defaults(run=run_circles)
     p = sub.add_parser("scores", help="histogram of scores in [0, 1] against uniform (Table 1, App. B)")
     p.add_argument("--scores", required=True, help=".npy (1-D) or one-column .csv of scores in [0, 1]")

@@ -939,12 +939,12 @@ def parse_args(argv=None):
                         "(--paper: 60k)")
     parser.add_argument("--per-side", type=lambda t: _pair(t, int), help="images kept per side 'k0,k1' (overrides --subset)")
     parser.add_argument("--oversample", type=lambda t: _pair(t, int), help="copies per kept image 'r0,r1' (young: 2,1)")
-    parser.add_argument("--tau1", type=float, help=f"step 1 threshold on p(y|x) (default {CPU_PRESET['tau1']})")
-    parser.add_argument("--tau2", type=float, help=f"step 2 threshold (default {CPU_PRESET['tau2']}, released scripts)")
+    parser.add_argument("--tau1", type=plumbing.finite_float, help=f"step 1 threshold on p(y|x) (default {CPU_PRESET['tau1']})")
+    parser.add_argument("--tau2", type=plumbing.finite_float, help=f"step 2 threshold (default {CPU_PRESET['tau2']}, released scripts)")
     parser.add_argument("--members", type=int, default=5, help="step 2 ensemble size (the paper: 5)")
     parser.add_argument("--steps", type=int, help=f"training steps per classifier (default {CPU_PRESET['steps']})")
     parser.add_argument("--batch", type=int, help=f"batch size (default {CPU_PRESET['batch']})")
-    parser.add_argument("--lr", type=float, help=f"AdamW peak learning rate (default {CPU_PRESET['lr']})")
+    parser.add_argument("--lr", type=plumbing.finite_float, help=f"AdamW peak learning rate (default {CPU_PRESET['lr']})")
     parser.add_argument("--width", type=int, help=f"SmallCNN base width (default {CPU_PRESET['width']})")
     parser.add_argument("--size", type=int, default=64, help="image side after preprocessing (the paper: 64)")
     parser.add_argument("--seed", type=int, default=0, help="initialisation, batches, subsets, generic splits")
@@ -952,7 +952,8 @@ def parse_args(argv=None):
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="auto: bf16 on CUDA, fp32 on the CPU")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="JPEG decoding threads")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--threads", type=plumbing.nonnegative_int, default=0,
+                        help="torch CPU threads (0: all cores, at most 8)")
     args = parser.parse_args(argv)
     preset = PAPER_PRESET if args.paper else CPU_PRESET
     for k, v in preset.items():
@@ -972,17 +973,13 @@ def parse_args(argv=None):
             parser.error(f"--{flag} must be positive, got {getattr(args, flag)}")
     if args.members < 2 or args.lr <= 0:
         parser.error(f"--members must be >= 2 and --lr positive, got {args.members} and {args.lr}")
-    if os.path.isfile(args.out):
-        parser.error(f"--out {args.out} is a file; expected a folder")
+    plumbing.check_out_folder(args.out)
     args.per_side = args.per_side or SUBSETS[args.subset]
     args.oversample = args.oversample or OVERSAMPLE.get(args.subset, (1, 1))
     args.cache = args.cache or os.path.join(args.out, "cache")
     if args.threads:
         torch.set_num_threads(args.threads)
-    wanted = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if wanted.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("--device cuda asked for, but no CUDA device is available")
-    args.device = torch.device(wanted)
+    args.device = plumbing.check_device(args.device)
     if args.precision == "auto":
         args.precision = "bf16" if args.device.type == "cuda" else "fp32"
     if args.precision == "fp16" and args.device.type != "cuda":

@@ -76,6 +76,7 @@ Finished models (and the checkpoints of unfinished ones) in --out are picked up 
 with the same settings; --overwrite retrains. Outputs: report.md, results.json, config.json,
 figures/*.png, samples/*.npz (uint8).
 """
+import argparse
 import dataclasses
 import hashlib
 import io
@@ -165,7 +166,7 @@ SEEDS = dict(pool=0, heldout=1000, fresh=2000, twist=3000, sample=4000, noise=50
 
 def parse_ints(text, name):
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
+        values = [int(v) for v in text.split(",")]
     except ValueError:
         raise ValueError(f"--{name} wants comma-separated integers, got {text!r}") from None
     if not values:
@@ -203,8 +204,13 @@ def check_config(cfg):
     if min(ns) < 1:
         raise ValueError(f"--ns must be positive, got {ns}")
     if max(ns) > cfg.pool // 2:
-        raise ValueError(f"N = {max(ns)} is larger than half the pool (--pool {cfg.pool} gives at most "
+        raise ValueError(f"--ns: N = {max(ns)} is larger than half the pool (--pool {cfg.pool} gives at most "
                          f"{cfg.pool // 2} per set)")
+    for name, ok, wanted in (("lr", cfg.lr > 0, "> 0"), ("radius", cfg.radius > 0, "> 0"),
+                             ("ema", 0 <= cfg.ema < 1, "in [0, 1)"), ("warmup", cfg.warmup >= 0, ">= 0"),
+                             ("threads", cfg.threads >= 0, ">= 0")):
+        if not ok:
+            raise ValueError(f"--{name} must be {wanted}, got {getattr(cfg, name)}")
     if cfg.twist_n < 0:
         raise ValueError(f"--twist-n must be >= 0, got {cfg.twist_n}")
     for name in ("eval_t", "jac_t"):
@@ -213,9 +219,9 @@ def check_config(cfg):
             raise ValueError(f"--{name.replace('_', '-')} must lie in [0, {cfg.T - 1}], got {ts}")
     ddpm.space_timesteps(cfg.T, cfg.sample_steps)      # raises ValueError on a bad spec
     try:
-        lambdas = train.parse_floats(cfg.lambdas)
-    except ValueError:
-        raise ValueError(f"--lambdas wants comma-separated numbers, got {cfg.lambdas!r}") from None
+        lambdas = plumbing.float_list(cfg.lambdas)
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(f"--lambdas: {e}") from None
     if len(lambdas) != 2:
         raise ValueError(f"--lambdas wants one weight per class (left,right), got {len(lambdas)}")
     if cfg.jac_images > cfg.n_eval:
@@ -223,8 +229,8 @@ def check_config(cfg):
     toy_circles.continuous_x_range(cfg.size, "all", cfg.radius)
     if cfg.twist_n:
         toy_circles.continuous_x_range(cfg.size, "left", cfg.radius)
-    if os.path.isfile(cfg.out):
-        raise ValueError(f"--out {cfg.out} is a file; expected a folder")
+    plumbing.check_out_folder(cfg.out)
+    plumbing.check_device(cfg.device)
 
 
 def ddpm_config(cfg, out):

@@ -658,12 +658,15 @@ def check_models(parser, args, model, d, clf):
         args.invert_steps = str(d["T"])
     try:
         toy_circles.check_size(model.config["image_size"])
-        ddpm.space_timesteps(d["T"], args.sample_steps)
-        ddpm.space_timesteps(d["T"], args.invert_steps)
-        if args.command == "interp" and args.nll_steps != "0":
-            ddpm.space_timesteps(d["T"], args.nll_steps)
     except ValueError as e:
-        parser.error(str(e))
+        parser.error(f"--ddpm {args.ddpm}: {e}")
+    specs = [("--sample-steps", args.sample_steps), ("--invert-steps", args.invert_steps)]
+    specs += [("--nll-steps", args.nll_steps)] if args.command == "interp" and args.nll_steps != "0" else []
+    for flag, spec in specs:
+        try:
+            ddpm.space_timesteps(d["T"], spec)
+        except ValueError as e:
+            parser.error(f"{flag}: {e}")
     if clf is not None and len(args.lambdas) != clf.num_classes:
         parser.error(f"--lambdas gives {len(args.lambdas)} weights, but classifier {args.classifier} has "
                      f"{clf.num_classes} classes")

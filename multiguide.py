@@ -269,7 +269,7 @@ def parse_args(argv):
                              "with --classifier, else 0,0 = unconditional); 0,30 = single-class guidance")
     plumbing.add_flags(parser, "n_samples", "sample_steps")
     parser.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="ancestral or DDIM")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 = deterministic)")
+    parser.add_argument("--eta", type=plumbing.nonnegative_float, default=0.0, help="DDIM noise (0 = deterministic)")
     plumbing.add_flags(parser, "batch", "seed", "device", "threads")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                         help="autocast of the DDPM forward (fp16 needs CUDA); the guidance is always fp32")

@@ -76,7 +76,7 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _number(kind, test, wanted):
+def number(kind, test, wanted):
     """An argparse type: kind(text), refused unless finite and test(value); the message says what is wanted."""
     def parse(text):
         try:
@@ -90,12 +90,12 @@ def _number(kind, test, wanted):
     return parse
 
 
-positive_int = _number(int, lambda v: v > 0, "an integer >= 1")
-nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
-finite_float = _number(float, lambda v: True, "a finite number")
-positive_float = _number(float, lambda v: v > 0, "a finite number > 0")
-nonnegative_float = _number(float, lambda v: v >= 0, "a finite number >= 0")
-probability = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+positive_int = number(int, lambda v: v > 0, "an integer >= 1")
+nonnegative_int = number(int, lambda v: v >= 0, "an integer >= 0")
+finite_float = number(float, lambda v: True, "a finite number")
+positive_float = number(float, lambda v: v > 0, "a finite number > 0")
+nonnegative_float = number(float, lambda v: v >= 0, "a finite number >= 0")
+probability = number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
 def float_list(text):
@@ -349,6 +349,8 @@ def load_checkpoint(path, kind=None):
     Refused with one line (CheckpointError): a missing or truncated file, a file whose unpickling
     would run code (weights_only=True rejects it), a file that is not a zsi checkpoint, the wrong kind.
     """
+    if os.path.isdir(path):
+        raise CheckpointError(f"error: checkpoint {path} is a folder; expected a checkpoint file (.pt)")
     if not os.path.isfile(path):
         raise CheckpointError(f"error: checkpoint {path} does not exist")
     try:

@@ -270,7 +270,7 @@ def main(argv=None):
     parser.add_argument("--size", type=_size_arg, default=64, help="image side, 64 / k (64 = paper, 32 = CPU preset)")
     parser.add_argument("--region", choices=REGIONS, default="train", help="which centres to draw")
     args = parser.parse_args(argv)
-
+    plumbing.check_out_folder(args.out)
     data = make_circles(args.size, args.region)
     xs, ys = data["centres"][:, 0], data["centres"][:, 1]
     path = os.path.join(args.out, f"circles_{args.region}_{args.size}.png")

@@ -254,10 +254,20 @@ def check_config(cfg, parser):
                          f"{'left,right' if classes == 2 else 'the 4 quadrants'}), got {len(values)}")
     if cfg.backbone == "dit" and cfg.attention:
         parser.error("--attention sets U-Net attention resolutions; it does not apply to --backbone dit")
+    if cfg.attention and not all(r.strip().isdigit() and int(r) > 0 for r in cfg.attention.split(",")):
+        parser.error(f"--attention wants feature-map sizes, e.g. 16,8, got {cfg.attention!r}")
+    if cfg.data in ("circles", "corners"):
+        try:
+            toy_circles.check_size(cfg.image_size)
+        except ValueError as e:
+            parser.error(f"--image-size: {e}")
+    elif cfg.image_size % 8:
+        parser.error(f"--image-size must be a multiple of 8 (the U-Net halves it three times), got {cfg.image_size}")
     if cfg.resume and cfg.overwrite:
         parser.error("--resume continues the run in --out and --overwrite replaces it: pass one of them")
     plumbing.check_out_folder(cfg.out)
     plumbing.check_device(cfg.device)
+    check_out(cfg)
     if cfg.data in real_images.DATA_NAMES:
         real_images.check(cfg, parser)
 
@@ -576,25 +586,30 @@ def real_images_rows(cfg, rt, ema, d, ddpm_step, clfs, data, fout):
 # The run: one folder, one lock, results.json, report.md
 # ----------------------------------------------------------------------------------------------
 
-def prepare_out(cfg):
-    """Create --out and write config.json; never mix two runs in one folder.
-
-    An --out that already holds a run (config.json) needs --resume (same configuration: checked
-    here, before anything is written) or --overwrite (start afresh; files are replaced as the new
-    run writes them).
-    """
+def check_out(cfg):
+    """Never mix two runs in one folder (checked before anything is written). An --out that holds a run
+    (config.json) needs --resume (the same configuration) or --overwrite (start afresh; files are replaced
+    as the new run writes them); --resume needs a run to continue."""
     config_path = os.path.join(cfg.out, "config.json")
-    if os.path.exists(config_path):
-        if not (cfg.resume or cfg.overwrite):
-            raise SystemExit(f"train.py: --out {cfg.out} already holds a run (config.json); pass --resume to "
-                             f"continue it, --overwrite to start afresh, or choose another --out")
+    if not os.path.exists(config_path):
         if cfg.resume:
-            diff = identity_diff(plumbing.read_json(config_path, "run record"), identity(cfg))
-            if diff:
-                raise SystemExit(f"train.py: cannot --resume {cfg.out}: its run used other values for "
-                                 f"{', '.join('--' + k.replace('_', '-') for k in diff)}")
+            raise SystemExit(f"train.py: --resume: {cfg.out} holds no run to continue (no config.json); "
+                             f"drop --resume to start one")
+        return
+    if not (cfg.resume or cfg.overwrite):
+        raise SystemExit(f"train.py: --out {cfg.out} already holds a run (config.json); pass --resume to "
+                         f"continue it, --overwrite to start afresh, or choose another --out")
+    if cfg.resume:
+        diff = identity_diff(plumbing.read_json(config_path, "run record"), identity(cfg))
+        if diff:
+            raise SystemExit(f"train.py: cannot --resume {cfg.out}: its run used other values for "
+                             f"{', '.join('--' + k.replace('_', '-') for k in diff)}")
+
+
+def prepare_out(cfg):
+    """Create --out and write the run's config.json (check_out has vetted the folder)."""
     os.makedirs(cfg.out, exist_ok=True)
-    plumbing.write_json(dataclasses.asdict(cfg), config_path)
+    plumbing.write_json(dataclasses.asdict(cfg), os.path.join(cfg.out, "config.json"))
 
 
 def run(cfg, experiment):

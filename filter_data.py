@@ -952,6 +952,8 @@ def parse_args(argv=None):
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="auto: bf16 on CUDA, fp32 on the CPU")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="JPEG decoding threads")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a filter run in --out that used other settings (the same settings resume)")
     parser.add_argument("--threads", type=plumbing.nonnegative_int, default=0,
                         help="torch CPU threads (0: all cores, at most 8)")
     args = parser.parse_args(argv)
@@ -984,7 +986,25 @@ def parse_args(argv=None):
         args.precision = "bf16" if args.device.type == "cuda" else "fp32"
     if args.precision == "fp16" and args.device.type != "cuda":
         parser.error("--precision fp16 needs CUDA; use bf16 or fp32 on the CPU")
+    check_out(args)
     return args
+
+
+RUN_CONTROL = ("device", "workers", "threads", "cache", "overwrite", "out")  # flags that change no result
+
+
+def check_out(args):
+    """An --out that holds a filter run made with other settings is replaced only with --overwrite (the same
+    settings resume: every finished stage is reused). Checked before any work."""
+    path = os.path.join(args.out, "config.json")
+    if not os.path.exists(path) or args.overwrite:
+        return
+    old = plumbing.read_json(path, "filter record")
+    wanted = json.loads(json.dumps(dict(vars(args), device=str(args.device))))  # tuples -> lists, as stored
+    diff = sorted(k for k, v in wanted.items() if k not in RUN_CONTROL and k in old and old[k] != v)
+    if diff:
+        _fail(f"--out {args.out} holds a filter run made with other settings ({', '.join(diff)}); pass "
+              f"--overwrite to replace it, or choose another --out")
 
 
 def main(argv=None):

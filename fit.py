@@ -199,7 +199,7 @@ def fit(model, loss_fn, s, ckpt_path, rt, meta, identity, resume=False, on_step=
           if resume and os.path.exists(ckpt_path) else _State())
     if rt.main:
         TrainLog(log_dir).rewrite(st.log)  # a resumed log continues exactly where its checkpoint stood
-    if st.step >= s.steps:
+    if st.step >= s.steps or 0 < s.stop_at <= st.step:  # done, or already paused at --stop-at
         return model, ema, st.log
     net = torch.nn.parallel.DistributedDataParallel(model) if rt.world > 1 else model
 

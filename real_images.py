@@ -67,7 +67,6 @@ PAPER_FACES = dict(guided={"60k": (0.130, 0.607), "30k": (0.184, 0.835), "10k": 
                            "5k": (0.279, 1.185)},
                    training={"60k": (0.558, 3.161)},     # Sec. 5.2 (Sec. 5.1 rounds it: 0.56, 3.17)
                    unconditional={"60k": (0.64, 3.5)})   # Sec. 5.1
-FILTER_RUN_CONTROL = ("device", "workers", "threads", "cache")  # filter_data.py flags that change no result
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,6 +86,7 @@ def filter_argv(cfg):
     argv = [*source_flags(cfg), "--out", os.path.join(cfg.out, "filter"),
             "--size", str(cfg.image_size), "--subset", cfg.subset, "--seed", str(cfg.seed)]
     argv += ["--device", cfg.device] if cfg.device != "auto" else []
+    argv += ["--overwrite"] if cfg.overwrite else []
     return argv + shlex.split(cfg.filter_args)
 
 
@@ -118,7 +118,7 @@ def filter_finished(args):
             old = json.load(fh)
     except (OSError, ValueError):
         return False
-    same = all(old.get(k) == v for k, v in wanted.items() if k not in FILTER_RUN_CONTROL)
+    same = all(old.get(k) == v for k, v in wanted.items() if k not in filter_data.RUN_CONTROL)
     return same and os.path.isfile(os.path.join(args.out, "index.csv"))
 
 

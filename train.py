@@ -266,7 +266,9 @@ def check_config(cfg, parser):
     if cfg.resume and cfg.overwrite:
         parser.error("--resume continues the run in --out and --overwrite replaces it: pass one of them")
     plumbing.check_out_folder(cfg.out)
-    plumbing.check_device(cfg.device)
+    forced = cfg.force and cfg.data in real_images.DATA_NAMES  # --force runs the paper's faces on the CPU in fp32
+    if cfg.precision == "fp16" and plumbing.check_device(cfg.device).type != "cuda" and not forced:
+        parser.error("--precision fp16 needs a CUDA device; use --precision bf16 or fp32 on the CPU")
     check_out(cfg)
     if cfg.data in real_images.DATA_NAMES:
         real_images.check(cfg, parser)
@@ -644,11 +646,13 @@ def main(argv=None):
         if cfg.precision == "fp16" and cfg.force and plumbing.check_device(cfg.device).type != "cuda":
             print("--force on the CPU: --precision fp16 needs CUDA; using fp32")
             cfg.precision = "fp32"
-    if cfg.precision == "fp16" and plumbing.check_device(cfg.device).type != "cuda":
-        raise SystemExit("train.py: --precision fp16 needs a CUDA device; use --precision bf16 or fp32 on the CPU")
     r = run(cfg, run_real_images if real else run_circles)
     if r is None and cfg.stop_at:
-        print(f"paused at step {cfg.stop_at} (--stop-at): continue with --resume")
+        argv = sys.argv[1:] if argv is None else list(argv)
+        keep = [a for i, a in enumerate(argv) if a != "--stop-at" and (i == 0 or argv[i - 1] != "--stop-at")
+                and not a.startswith("--stop-at=")]
+        print(f"paused at step {cfg.stop_at} (--stop-at): continue with: "
+              f"{shlex.join(['python', 'train.py', *keep, *([] if '--resume' in keep else ['--resume'])])}")
     elif r is not None:
         print(f"report: {os.path.join(cfg.out, 'report.md')}")
         print(real_images.headline(r) if real else circles_headline(r))

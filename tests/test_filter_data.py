@@ -412,7 +412,7 @@ def test_resume_ranks_k_per_side_without_retraining(run, tmp_path, capsys):
     shutil.copytree(run["out"], out)
     stamps = {f: os.path.getmtime(os.path.join(out, "classifiers", f)) for f in os.listdir(os.path.join(out, "classifiers"))}
     counts = fd.main(["--data", "celeba", "--root", str(run["base"] / "celeba"), "--attr", "Smiling", "--out", out,
-                      *TINY, "--per-side", "20,15", "--oversample", "2,1"])
+                      *TINY, "--per-side", "20,15", "--oversample", "2,1", "--overwrite"])   # new step 3
     text = capsys.readouterr().out
     assert text.count("finished earlier: reusing") == 7 and "training on" not in text
     assert stamps == {f: os.path.getmtime(os.path.join(out, "classifiers", f)) for f in stamps}
@@ -478,7 +478,7 @@ def test_swapped_val_test_rows_refit_the_temperature_and_precision_retrains(tmp_
     assert float(model.temperature) == pytest.approx(expected, rel=1e-9)
     fd.main(args)
     assert "fitting the temperature again" not in capsys.readouterr().out          # same rows: reused as is
-    fd.main(args + ["--precision", "bf16"])
+    fd.main(args + ["--precision", "bf16", "--overwrite"])                         # other settings: --overwrite
     text = capsys.readouterr().out
     assert text.count("was made with other settings or data: retraining") == 7 and "finished earlier" not in text
 
@@ -513,6 +513,14 @@ def test_bad_input_fails_in_one_line_without_an_index(tmp_path, case):
     assert r.returncode != 0 and expect in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not os.path.exists(tmp_path / "out" / "index.csv")   # removed before reading: no stale index survives
+
+
+def test_a_filter_run_with_other_settings_is_not_replaced_without_overwrite(run):
+    base = ["--data", "celeba", "--root", str(run["base"] / "celeba"), "--attr", "Smiling", "--out", run["out"], *TINY]
+    with pytest.raises(fd.DataError, match=r"holds a filter run made with other settings \(tau1\); pass --overwrite"):
+        fd.parse_args(base + ["--tau1", "0.8"])
+    assert fd.parse_args(base + ["--tau1", "0.8", "--overwrite"]).tau1 == 0.8
+    assert fd.parse_args(base + ["--threads", "1"]).out == run["out"]   # the same settings: resumed, not refused
 
 
 def test_bad_flags_fail_in_one_line(tmp_path, capsys):

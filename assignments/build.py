@@ -97,6 +97,7 @@ TUTORIAL_NEEDS = {
     "evaluate.py": ("a6",),                      # the circle detector
 }
 RUNNABLE = "<!-- runnable -->"
+NOTE_RE = re.compile(r"^> \*\*In your student copy\*\*.*?\n\n", flags=re.S | re.M)
 
 
 class BuildError(Exception):
@@ -220,19 +221,31 @@ def given_code(texts):
     return "".join(parts)
 
 
+def is_test(rel):
+    """A test file: under a tests/ or hidden/ folder, or named test_*.py, *_test.py or conftest.py."""
+    parts = rel.split("/")
+    name = parts[-1]
+    return bool({"tests", "hidden"} & set(parts[:-1])) or name.startswith("test_") or name.endswith("_test.py") \
+        or name == "conftest.py"
+
+
 def solution_lines(root, files, selected):
     """The solution lines the scan looks for: [(rel, 1-based line, tag, key)] of the selected regions,
-    less the trivial ones and those the student's own copy of the code holds anyway."""
-    marked = marked_files(root, files, selected)
-    texts, wanted = [], []
-    for rel, regions in marked.items():
+    less the trivial ones and those the code given to the student holds anyway (the code tokens of the
+    reference's Python files that are not tests, with the selected regions cut out)."""
+    given, wanted = [], []
+    for rel in files:
+        if not rel.endswith(".py"):
+            continue
         with open(os.path.join(root, rel), encoding="utf-8", newline="") as fh:
             text = fh.read()
-        texts.append(student_version(text, selected, rel)[0])
+        student, regions = student_version(text, selected, rel)
+        given += [] if is_test(rel) else [student]
         lines = text.splitlines()
         for r in regions:
-            wanted += [(rel, i + 1, r["id"], code_key(lines[i])) for i in range(r["begin"] + 1, r["end"])]
-    given = given_code(texts)
+            if r["id"] in selected:
+                wanted += [(rel, i + 1, r["id"], code_key(lines[i])) for i in range(r["begin"] + 1, r["end"])]
+    given = given_code(given)
     return [w for w in wanted if len(re.findall(r"\w", w[3])) >= MIN_SIGNIFICANT and w[3] not in given]
 
 
@@ -379,6 +392,7 @@ def block_needs(blocks):
 def tutorial_version(text, selected):
     """TUTORIAL.md for a copy in which `selected` are blanked: a note above every runnable block that
     runs a blanked function (nothing changes when none does)."""
+    text = re.sub(NOTE_RE, "", text)                 # the notes of an earlier build (a copy of a copy)
     lines = text.splitlines(keepends=True)
     starts = [i for i, line in enumerate(lines) if line.strip() == RUNNABLE]
     blocks = []
@@ -428,7 +442,7 @@ def build(root, out, selected):
     files = source_files(root)
     texts, blanked = student_texts(root, files, selected)
     copy = {rel: texts[rel] if rel in texts else read_text(os.path.join(root, rel)) for rel in files}
-    copy["ASSIGNMENT.md"] = assignment_md(selected, stub_locations(texts))
+    copy["ASSIGNMENT.md"] = assignment_md(selected, stub_locations({r: t for r, t in copy.items() if t is not None}))
     leaks = find_leaks({rel: t for rel, t in copy.items() if t is not None}, solution_lines(root, files, selected))
     if leaks:
         for leak in leaks:

@@ -68,28 +68,26 @@ import secrets
 import select
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import xml.etree.ElementTree as ET
 
 from build import ASSIGNMENTS, ROOT, BuildError, OneLineParser, marked_files, source_files
 
-PLUGIN = "gradeplugin"          # assignments/gradeplugin.py, copied into every run folder
+PLUGIN = "gradeplugin"          # assignments/gradeplugin.py: the fork server and the pytest plugin
+PRELOAD = ("numpy", "torch", "pytest", "matplotlib.figure", "cv2")   # imported once, by the fork server
 FILE_LIMIT = 64 << 20           # bytes a grading process may write to one file
 MAX_FILE = 1 << 20              # bytes of one student file the grader accepts
 MAX_RESULTS = 4 << 20           # bytes of signed results read back from one run
-BOOT = ("import resource, sys\n"
-        "for name, n in zip(('RLIMIT_AS', 'RLIMIT_CPU', 'RLIMIT_FSIZE', 'RLIMIT_CORE'), map(int, sys.argv[1:5])):\n"
-        "    which = getattr(resource, name)\n"
-        "    hard = resource.getrlimit(which)[1]\n"
-        "    n = n if hard == resource.RLIM_INFINITY else min(n, hard)\n"
-        "    resource.setrlimit(which, (n, n))\n"
-        "sys.path.insert(0, sys.argv[5])\n"
-        f"import {PLUGIN}\n"
-        f"sys.exit({PLUGIN}.main(sys.argv[6:]))\n")
+SERVER = ("import sys\n"
+          "sys.path.insert(0, sys.argv[1])\n"
+          f"import {PLUGIN}\n"
+          f"{PLUGIN}.serve(int(sys.argv[2]), sys.argv[3:])\n")
 
 
 class GradeError(Exception):
@@ -166,9 +164,98 @@ def submission_names(paths):
 # One sandboxed pytest process
 # ----------------------------------------------------------------------------------------------
 
-def make_run_folder(workdir, snap, overlay, plugin_source):
+class ServerDied(Exception):
+    """The fork server ended while a run was starting or in flight (a submission can kill it)."""
+
+
+class ForkServer:
+    """The grader's end of gradeplugin.serve: fork(request, fds) -> (pid, generation); exit_code(pid,
+    generation) -> its exit code, None while it runs, ServerDied when the server is gone. A dead
+    server is started again on the next fork."""
+
+    def __init__(self, workdir, plugin_source):
+        self.folder = os.path.join(workdir, "server")
+        for sub in ("home", "tmp"):
+            os.makedirs(os.path.join(self.folder, sub), mode=0o700)
+        with open(os.path.join(self.folder, f"{PLUGIN}.py"), "wb") as fh:
+            fh.write(plugin_source)
+        self.lock, self.cond = threading.Lock(), threading.Condition()
+        self.count, self.generation, self.started, self.exited, self.dead = 0, 0, {}, {}, set()
+        self._start()
+
+    def _start(self):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.generation += 1
+        with open(os.path.join(self.folder, "server.log"), "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-I", "-B", "-c", SERVER, self.folder, str(theirs.fileno()),
+                                          *PRELOAD], cwd=self.folder, env=clean_env(self.folder),
+                                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         pass_fds=(theirs.fileno(),), start_new_session=True)
+        theirs.close()
+        self.sock = ours
+        threading.Thread(target=self._listen, args=(ours, self.proc, self.generation), daemon=True).start()
+
+    def _listen(self, sock, proc, generation):
+        """Record the server's messages until it ends."""
+        while True:
+            try:
+                message = sock.recv(65536)
+            except OSError:
+                message = b""
+            if not message:
+                break
+            m = json.loads(message)
+            with self.cond:
+                if "started" in m:
+                    self.started[m["started"]] = m["pid"]
+                else:
+                    self.exited[(generation, m["exited"])] = m["code"]
+                self.cond.notify_all()
+        proc.wait()
+        with self.cond:
+            self.dead.add(generation)
+            self.cond.notify_all()
+
+    def fork(self, request, fds):
+        with self.lock:
+            if self.generation in self.dead:
+                self._start()
+            self.count += 1
+            ident, generation = self.count, self.generation
+            try:
+                socket.send_fds(self.sock, [json.dumps(dict(request, id=ident)).encode()], fds)
+            except OSError:
+                raise ServerDied from None
+        with self.cond:
+            self.cond.wait_for(lambda: ident in self.started or generation in self.dead, timeout=120)
+            if ident not in self.started:
+                raise ServerDied
+            return self.started.pop(ident), generation
+
+    def exit_code(self, pid, generation):
+        with self.cond:
+            if (generation, pid) in self.exited:
+                return self.exited.pop((generation, pid))
+            if generation in self.dead:
+                raise ServerDied
+            return None
+
+    def close(self):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)    # EOF for the server (it kills what it started and
+        except OSError:                             # ends) and for our listener's recv
+            pass
+        self.sock.close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def make_run_folder(workdir, snap, overlay):
     """A fresh folder: tree/ (the reference with the submission's files laid in; a missing one is
-    removed, never left as the reference's solution), results/, home/, tmp/, plugin/, pytest.ini."""
+    removed, never left as the reference's solution), results/, home/, tmp/, an empty pytest.ini."""
     run = tempfile.mkdtemp(prefix="run-", dir=workdir)
     tree = os.path.join(run, "tree")
     for rel, data in list(snap.items()) + list(overlay.items()):
@@ -180,81 +267,77 @@ def make_run_folder(workdir, snap, overlay, plugin_source):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "wb") as fh:
             fh.write(data)
-    for sub in ("results", "home", "tmp", "plugin"):
+    for sub in ("results", "home", "tmp"):
         os.makedirs(os.path.join(run, sub), mode=0o700)
-    with open(os.path.join(run, "plugin", f"{PLUGIN}.py"), "wb") as fh:
-        fh.write(plugin_source)
     with open(os.path.join(run, "pytest.ini"), "w") as fh:
         fh.write("[pytest]\n")                     # -c this file: no ini from the tree or above it
     return run
 
 
-def clean_env(run):
+def clean_env(folder):
     """The environment of a grading process: nothing of the grader's but PATH."""
-    home = os.path.join(run, "home")
-    return {"PATH": os.environ.get("PATH", os.defpath), "HOME": home, "TMPDIR": os.path.join(run, "tmp"),
+    home = os.path.join(folder, "home")
+    return {"PATH": os.environ.get("PATH", os.defpath), "HOME": home, "TMPDIR": os.path.join(folder, "tmp"),
             "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
             "OPENBLAS_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONDONTWRITEBYTECODE": "1",
             "PYTHONNOUSERSITE": "1", "PYTHONHASHSEED": "0", "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
             "MPLBACKEND": "Agg", "MPLCONFIGDIR": os.path.join(home, "matplotlib"), "NO_COLOR": "1"}
 
 
-def spawn(run, mode, targets, watched, key, opts):
-    """Start one grading process; returns (Popen, read end of the result pipe, JUnit XML path)."""
+def spawn(server, run, mode, targets, watched, key, opts):
+    """Start one grading process; returns (pid, server generation, read end of the result pipe, XML path)."""
     key_r, key_w = os.pipe()
     os.write(key_w, key)
     os.close(key_w)
     res_r, res_w = os.pipe()
+    log = os.open(os.path.join(run, "output.txt"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     tree = os.path.join(run, "tree")
     xml = os.path.join(run, "results", secrets.token_hex(8) + ".xml")
-    limits = [int(opts.memory * (1 << 30)), int(opts.timeout) + 5, FILE_LIMIT, 0]
+    limits = dict(RLIMIT_AS=int(opts.memory * (1 << 30)), RLIMIT_CPU=int(opts.timeout) + 5,
+                  RLIMIT_FSIZE=FILE_LIMIT, RLIMIT_CORE=0)
     args = ["-q", "-p", "no:cacheprovider", "-o", "addopts=", "-c", os.path.join(run, "pytest.ini"),
             "--rootdir", tree, "--confcutdir", tree, "--tb=short", "--junitxml", xml]
     args += ["--collect-only"] if mode == "collect" else []
-    cmd = [sys.executable, "-I", "-B", "-c", BOOT, *map(str, limits), os.path.join(run, "plugin"),
-           str(key_r), str(res_w), mode, ",".join(watched), *args, "--", *targets]
+    request = dict(cwd=tree, env=clean_env(run), limits=limits, mode=mode, watched=watched,
+                   args=[*args, "--", *targets])
     try:
-        with open(os.path.join(run, "output.txt"), "wb") as log:
-            proc = subprocess.Popen(cmd, cwd=tree, env=clean_env(run), stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, pass_fds=(key_r, res_w), start_new_session=True)
+        pid, generation = server.fork(request, [key_r, res_w, log])
+    except ServerDied:
+        os.close(res_r)
+        raise
     finally:
-        os.close(key_r)
-        os.close(res_w)
-    return proc, res_r, xml
+        for fd in (key_r, res_w, log):
+            os.close(fd)
+    return pid, generation, res_r, xml
 
 
-def exited(pid):
-    """True once the process has ended, without reaping it (so its group id cannot be reused yet)."""
-    return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-
-
-def wait_and_read(proc, fd, timeout):
+def wait_and_read(server, pid, generation, fd, timeout):
     """Read the result pipe until the process ends or the timeout; then kill its whole process group
-    (what it left running too) and reap it. Returns (bytes read, timed out)."""
-    data, deadline, eof, timed_out = bytearray(), time.monotonic() + timeout, False, False
+    (what it left running too). Returns (bytes read, timed out, exit code or None)."""
+    data, deadline, eof, timed_out, code = bytearray(), time.monotonic() + timeout, False, False, None
     os.set_blocking(fd, False)
-    while not exited(proc.pid):
-        if time.monotonic() > deadline:
-            timed_out = True
-            break
-        if eof:
-            time.sleep(0.05)
-            continue
-        if select.select([fd], [], [], 0.1)[0]:
-            chunk = _read_some(fd)
-            eof = chunk == b""
-            data += chunk[:max(0, MAX_RESULTS + 1 - len(data))]
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    proc.wait()
-    while not eof and len(data) <= MAX_RESULTS:
-        chunk = _read_some(fd)
-        eof = not chunk
-        data += chunk
-    os.close(fd)
-    return bytes(data), timed_out
+        while (code := server.exit_code(pid, generation)) is None:
+            if time.monotonic() > deadline:
+                timed_out = True
+                break
+            if eof:
+                time.sleep(0.05)
+            elif select.select([fd], [], [], 0.1)[0]:
+                chunk = _read_some(fd)
+                eof = chunk == b""
+                data += chunk[:max(0, MAX_RESULTS + 1 - len(data))]
+        while not eof and len(data) <= MAX_RESULTS:
+            chunk = _read_some(fd)
+            eof = not chunk
+            data += chunk
+    finally:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        os.close(fd)
+    return bytes(data), timed_out, code
 
 
 def _read_some(fd):
@@ -309,21 +392,27 @@ def read_junit(path):
     return found
 
 
-def sandbox(snap, overlay, plugin_source, mode, targets, watched, opts):
-    """Run pytest once in a fresh tree; returns what the grader knows of the run (see judge)."""
-    run = make_run_folder(opts.workdir, snap, overlay, plugin_source)
-    key, start = secrets.token_bytes(32), time.monotonic()
-    try:
-        proc, fd, xml = spawn(run, mode, targets, watched, key, opts)
-        data, timed_out = wait_and_read(proc, fd, opts.timeout)
-        records, channel = verify(data, key)
-        with open(os.path.join(run, "output.txt"), "rb") as fh:
-            fh.seek(max(0, os.path.getsize(fh.name) - 3000))
-            tail = fh.read().decode("utf-8", "replace")
-        return dict(records=records, channel=channel, returncode=proc.returncode, timed_out=timed_out,
-                    junit=read_junit(xml), seconds=time.monotonic() - start, output=tail)
-    finally:
-        remove_tree(run)
+def sandbox(server, snap, overlay, mode, targets, watched, opts):
+    """Run pytest once in a fresh tree; returns what the grader knows of the run (see run_failure). A run
+    during which the fork server died is run once more (it may have been another run's doing)."""
+    for attempt in (1, 2):
+        run = make_run_folder(opts.workdir, snap, overlay)
+        key, start = secrets.token_bytes(32), time.monotonic()
+        try:
+            pid, generation, fd, xml = spawn(server, run, mode, targets, watched, key, opts)
+            data, timed_out, code = wait_and_read(server, pid, generation, fd, opts.timeout)
+            records, channel = verify(data, key)
+            with open(os.path.join(run, "output.txt"), "rb") as fh:
+                fh.seek(max(0, os.path.getsize(fh.name) - 3000))
+                tail = fh.read().decode("utf-8", "replace")
+            return dict(records=records, channel=channel, returncode=code, timed_out=timed_out,
+                        junit=read_junit(xml), seconds=time.monotonic() - start, output=tail)
+        except ServerDied:
+            pass
+        finally:
+            remove_tree(run)
+    return dict(records=[], channel="the grader's fork server died during this run, twice (killed by the submission?)",
+                returncode=None, timed_out=False, junit=None, seconds=time.monotonic() - start, output="")
 
 
 def remove_tree(path):
@@ -431,13 +520,11 @@ def grade_assignment(a, tests, run, opts):
 # Collecting, then grading everything
 # ----------------------------------------------------------------------------------------------
 
-def collect_tests(snap, plugin_source, graded, opts):
+def collect_tests(server, snap, graded, opts):
     """{assignment: [dict(id, points, hidden)]} of the graded assignments, from one collection run on
     the reference itself: the ids and points no submission can change."""
     folders = [f for f in ("assignments/tests", "assignments/hidden") if any(r.startswith(f + "/") for r in snap)]
-    if "assignments/tests" not in folders:
-        raise GradeError("--reference has no assignments/tests folder to grade")
-    run = sandbox(snap, {}, plugin_source, "collect", folders, [], opts)
+    run = sandbox(server, snap, {}, "collect", folders, [], opts)
     finish = [r for r in run["records"] if r.get("kind") == "finish"]
     if run["timed_out"] or run["channel"] or not finish or finish[-1].get("exit") != 0:
         raise GradeError(f"the reference's grading tests do not collect; see `python -m pytest --collect-only "
@@ -454,7 +541,7 @@ def collect_tests(snap, plugin_source, graded, opts):
     return tests
 
 
-def grade_all(subs, snap, plugin_source, tests, editable, opts):
+def grade_all(server, subs, snap, tests, editable, opts):
     """Every (submission, assignment) run, --jobs at a time; returns one record per submission."""
     watched = [rel[:-3].replace("/", ".") for rel in editable]
     results = []
@@ -463,7 +550,7 @@ def grade_all(subs, snap, plugin_source, tests, editable, opts):
         results.append(dict(name=name, path=os.path.abspath(path), notes=notes, overlay=overlay, assignments={}))
     jobs = [(k, a) for k in range(len(results)) for a in tests if tests[a]]
     with concurrent.futures.ThreadPoolExecutor(max_workers=opts.jobs) as pool:
-        futures = {pool.submit(sandbox, snap, results[k]["overlay"], plugin_source, "run",
+        futures = {pool.submit(sandbox, server, snap, results[k]["overlay"], "run",
                                [t["id"] for t in tests[a]], watched, opts): (k, a) for k, a in jobs}
         for n, future in enumerate(concurrent.futures.as_completed(futures), 1):
             k, a = futures[future]
@@ -626,6 +713,8 @@ def parse_args(argv):
 def prepare(args):
     """The reference read into memory, the student-editable files, the plugin's source."""
     snap = snapshot(args.reference)
+    if not any(rel.startswith("assignments/tests/") for rel in snap):
+        raise GradeError(f"--reference {args.reference} has no assignments/tests folder to grade")
     editable = editable_files(args.reference, snap, args.graded)
     if not editable and any(os.path.realpath(s) != os.path.realpath(args.reference) for s in args.submissions):
         raise GradeError(f"--reference {args.reference} holds no solution region of {','.join(args.graded)} (a "
@@ -639,13 +728,17 @@ def main(argv=None):
     parser, args = parse_args(argv)
     start = time.monotonic()
     args.workdir = tempfile.mkdtemp(prefix="zsi-grade-")
+    server = None
     try:
         snap, editable, plugin_source = prepare(args)
-        tests = collect_tests(snap, plugin_source, args.graded, args)
-        results = grade_all(args.submissions, snap, plugin_source, tests, editable, args)
+        server = ForkServer(args.workdir, plugin_source)
+        tests = collect_tests(server, snap, args.graded, args)
+        results = grade_all(server, args.submissions, snap, tests, editable, args)
     except GradeError as e:
         parser.exit(e.status, f"{parser.prog}: error: {e}\n")
     finally:
+        if server is not None:
+            server.close()
         remove_tree(args.workdir)
     seconds = time.monotonic() - start
     if len(results) == 1:

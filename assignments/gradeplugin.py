@@ -1,14 +1,18 @@
 """assignments/gradeplugin.py -- the pytest plugin inside every grading process of grade.py.
 
 What this file is
-    grade.py starts each grading process as `python -I -B -c BOOT ...`: BOOT sets the resource
-    limits, then imports this module (from a folder of the grader's, not from the graded tree) and
-    calls main(), which registers the plugin below with pytest.main(plugins=[...]). So the plugin is
-    in place before pytest reads the tree's conftest.py and before any student module is imported
-    (the grading tests import the concept files inside each test).
+    grade.py starts one FORK SERVER per grading session, `python -I -B -c SERVER`, which imports this
+    module from a folder of the grader's (never from a graded tree), then the trusted heavy modules
+    (numpy, torch, pytest, matplotlib, cv2: 2 s of every process's start-up, paid once), and then
+    forks one fresh process per grading run (serve). The forked child (child) takes its own session,
+    its log as stdout and stderr, its resource limits, its tree as working folder and a clean
+    environment, and calls run(), which registers the plugin below with pytest.main(plugins=[...]).
+    So the plugin is in place before pytest reads the tree's conftest.py and before any student
+    module is imported (the grading tests import the concept files inside each test); no student
+    code ever runs in the server.
 
     The results go back through a pipe, not through a file: the grader passes the write end of a
-    pipe (result fd) and the read end of another one holding a fresh random key (key fd). main()
+    pipe (result fd) and the read end of another one holding a fresh random key (key fd). run()
     reads the key and closes that fd before pytest starts, then signs every line it writes with
     HMAC-SHA256(key, line) and a sequence number. Lines the grader cannot verify (a submission that
     writes to the fd, a forged JUnit XML, replayed or dropped lines) void the run. Records:
@@ -28,15 +32,22 @@ What this file is
     tamper check looks for can report passes. grade.py's docstring lists the remaining risks.
 
 Run
-    Not by hand: grade.py writes it into each run's folder and starts it (see grade.py).
+    Not by hand: grade.py copies it into its own temporary folder and starts the server (grade.py).
 """
 import hashlib
 import hmac
+import importlib
 import importlib.abc
 import importlib.machinery
 import json
 import os
+import resource
+import select
+import signal
+import socket
 import sys
+import tempfile
+import traceback
 
 import pytest
 
@@ -140,16 +151,100 @@ class GradePlugin:
         self.send("test", id=report.nodeid, tampered=tampered, **entry)
 
 
-def main(argv):
-    """argv: KEY_FD RESULT_FD MODE WATCHED [pytest args...]; MODE is 'collect' or 'run', WATCHED the
-    comma-separated student modules. Returns pytest's exit code."""
-    key_fd, out_fd, mode, watched = int(argv[0]), int(argv[1]), argv[2], [m for m in argv[3].split(",") if m]
+def run(key_fd, out_fd, mode, watched, args):
+    """One grading process: read the key, sign from now on, watch the student modules, run pytest.
+    MODE is 'collect' or 'run'. Returns pytest's exit code."""
     with os.fdopen(key_fd, "rb") as fh:
         key = fh.read()
     os.set_inheritable(out_fd, False)            # a child process of the tests does not get the channel
     send = make_sender(key, out_fd)
     del key
     sys.meta_path.insert(0, ImportWatch(send, watched))
-    code = pytest.main(list(argv[4:]), plugins=[GradePlugin(send, collect=mode == "collect")])
+    code = pytest.main(list(args), plugins=[GradePlugin(send, collect=mode == "collect")])
     send("finish", exit=int(code))
     return int(code)
+
+
+def set_limits(limits):
+    """Soft and hard resource limits (so the tests cannot raise them again): {RLIMIT name: value}."""
+    for name, n in limits.items():
+        which = getattr(resource, name)
+        hard = resource.getrlimit(which)[1]
+        n = n if hard == resource.RLIM_INFINITY else min(n, hard)
+        resource.setrlimit(which, (n, n))
+
+
+def child(sock, request, fds):
+    """The forked grading process: its own session, output, limits, folder and environment; then run().
+    Never returns."""
+    code = 70
+    try:
+        sock.close()
+        os.setsid()                              # its own process group: the grader kills all of it
+        key_fd, out_fd, log_fd = fds
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        os.close(null)
+        os.close(log_fd)
+        set_limits(request["limits"])
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        tempfile.tempdir = None                  # TMPDIR is read again
+        sys.argv = ["pytest"]
+        code = run(key_fd, out_fd, request["mode"], request["watched"], request["args"])
+    except BaseException:                        # noqa: B036  anything: report it in the log, exit 70
+        traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:                    # noqa: BLE001  a closed stream must not keep us alive
+                pass
+        os._exit(code)
+
+
+def reap(sock, live):
+    """Tell the grader about every finished child: {"exited": pid, "code": exit code or -signal}."""
+    while live:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            live.clear()
+            return
+        if pid == 0:
+            return
+        live.discard(pid)
+        sock.send(json.dumps({"exited": pid, "code": os.waitstatus_to_exitcode(status)}).encode())
+
+
+def serve(sock_fd, preload):
+    """The fork server: import the trusted heavy modules (torch...) once, then fork one fresh grading
+    process per request {"id", "cwd", "env", "limits", "mode", "watched", "args"} + 3 fds (key, result,
+    log) on the SOCK_SEQPACKET socket, answering {"started": id, "pid": pid}. Ends when the grader
+    closes the socket, killing what it started."""
+    for name in preload:
+        importlib.import_module(name)
+    sock, live = socket.socket(fileno=sock_fd), set()
+    while True:
+        reap(sock, live)
+        if not select.select([sock], [], [], 0.05)[0]:
+            continue
+        message, fds, _, _ = socket.recv_fds(sock, 1 << 20, 3)
+        if not message:
+            break
+        request = json.loads(message)
+        pid = os.fork()
+        if pid == 0:
+            child(sock, request, fds)
+        for fd in fds:
+            os.close(fd)
+        live.add(pid)
+        sock.send(json.dumps({"started": request["id"], "pid": pid}).encode())
+    for pid in live:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass

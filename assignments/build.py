@@ -165,19 +165,6 @@ def student_version(text, selected, path):
     return "".join(out), regions
 
 
-def marked_files(root, files, assignments=None):
-    """{rel: [regions]} of the .py files of root that hold a region (of `assignments`, when given)."""
-    found = {}
-    for rel in files:
-        if rel.endswith(".py"):
-            with open(os.path.join(root, rel), encoding="utf-8", newline="") as fh:
-                regions = find_regions(fh.read().splitlines(keepends=True), rel)
-            regions = [r for r in regions if assignments is None or r["id"] in assignments]
-            if regions:
-                found[rel] = regions
-    return found
-
-
 # ----------------------------------------------------------------------------------------------
 # The leak scan (the rule is in the module docstring)
 # ----------------------------------------------------------------------------------------------
@@ -309,7 +296,7 @@ def tracked_files(root):
         return None
     # -z: names arrive raw, NUL-separated (spaces, newlines and non-ASCII stay intact)
     names = {p for p in listed.decode("utf-8", "surrogateescape").split("\0") if p}
-    return sorted(p for p in names if os.path.isfile(os.path.join(root, p)) and not os.path.islink(os.path.join(root, p)))
+    return sorted(p for p in names if os.path.isfile(os.path.join(root, p)))
 
 
 def source_files(root, instructor=False):

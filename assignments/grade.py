@@ -77,7 +77,7 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 
-from build import ASSIGNMENTS, ROOT, BuildError, OneLineParser, marked_files, source_files
+from build import ASSIGNMENTS, ROOT, BuildError, OneLineParser, find_regions, source_files
 
 PLUGIN = "gradeplugin"          # assignments/gradeplugin.py: the fork server and the pytest plugin
 PRELOAD = ("numpy", "torch", "pytest", "matplotlib.figure", "cv2")   # imported once, by the fork server
@@ -115,12 +115,18 @@ def snapshot(root):
     return files
 
 
-def editable_files(root, snap, graded):
+def editable_files(snap, graded):
     """The files a student edits: the reference's .py files that hold a region of a graded assignment."""
-    try:
-        return sorted(marked_files(root, [rel for rel in snap if rel.endswith(".py")], graded))
-    except BuildError as e:
-        raise GradeError(f"--reference: {e}") from None
+    found = []
+    for rel, data in snap.items():
+        if rel.endswith(".py"):
+            try:
+                regions = find_regions(data.decode("utf-8").splitlines(keepends=True), rel)
+            except (BuildError, UnicodeDecodeError) as e:
+                raise GradeError(f"--reference: {e}") from None
+            if any(r["id"] in graded for r in regions):
+                found.append(rel)
+    return sorted(found)
 
 
 def read_submission(path, editable):
@@ -134,7 +140,7 @@ def read_submission(path, editable):
             notes.append(f"{rel}: its folder is a link out of the submission; ignored")
             continue
         try:
-            fd = os.open(full, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)   # no link; a FIFO cannot block
         except OSError:
             notes.append(f"{rel}: {'a symbolic link; ignored' if os.path.islink(full) else 'missing'}")
             continue
@@ -184,6 +190,8 @@ class ForkServer:
         self._start()
 
     def _start(self):
+        if self.generation:
+            self.sock.close()                       # the dead server's end
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.generation += 1
         with open(os.path.join(self.folder, "server.log"), "ab") as log:
@@ -239,6 +247,12 @@ class ForkServer:
             if generation in self.dead:
                 raise ServerDied
             return None
+
+    def log_tail(self):
+        """The last line of the server's own log (why it did not start, when it did not)."""
+        with open(os.path.join(self.folder, "server.log"), "rb") as fh:
+            lines = fh.read().decode("utf-8", "replace").strip().splitlines()
+        return lines[-1] if lines else "(empty log)"
 
     def close(self):
         try:
@@ -526,6 +540,8 @@ def collect_tests(server, snap, graded, opts):
     folders = [f for f in ("assignments/tests", "assignments/hidden") if any(r.startswith(f + "/") for r in snap)]
     run = sandbox(server, snap, {}, "collect", folders, [], opts)
     finish = [r for r in run["records"] if r.get("kind") == "finish"]
+    if run["channel"] and "fork server" in run["channel"]:
+        raise GradeError(f"the grader's fork server does not start: {server.log_tail()}", status=1)
     if run["timed_out"] or run["channel"] or not finish or finish[-1].get("exit") != 0:
         raise GradeError(f"the reference's grading tests do not collect; see `python -m pytest --collect-only "
                          f"{' '.join(folders)}` there ({run['output'].strip().splitlines()[-1:]})", status=1)
@@ -715,7 +731,7 @@ def prepare(args):
     snap = snapshot(args.reference)
     if not any(rel.startswith("assignments/tests/") for rel in snap):
         raise GradeError(f"--reference {args.reference} has no assignments/tests folder to grade")
-    editable = editable_files(args.reference, snap, args.graded)
+    editable = editable_files(snap, args.graded)
     if not editable and any(os.path.realpath(s) != os.path.realpath(args.reference) for s in args.submissions):
         raise GradeError(f"--reference {args.reference} holds no solution region of {','.join(args.graded)} (a "
                          f"student copy?); grade submissions against the instructor's repository")

@@ -240,8 +240,10 @@ class ForkServer:
                 raise ServerDied
             return self.started.pop(ident), generation
 
-    def exit_code(self, pid, generation):
+    def exit_code(self, pid, generation, timeout=0.0):
+        """Its exit code once it has ended (waiting up to timeout seconds), else None."""
         with self.cond:
+            self.cond.wait_for(lambda: (generation, pid) in self.exited or generation in self.dead, timeout)
             if (generation, pid) in self.exited:
                 return self.exited.pop((generation, pid))
             if generation in self.dead:
@@ -328,19 +330,19 @@ def spawn(server, run, mode, targets, watched, key, opts):
 def wait_and_read(server, pid, generation, fd, timeout):
     """Read the result pipe until the process ends or the timeout; then kill its whole process group
     (what it left running too). Returns (bytes read, timed out, exit code or None)."""
-    data, deadline, eof, timed_out, code = bytearray(), time.monotonic() + timeout, False, False, None
+    data, deadline, eof, code = bytearray(), time.monotonic() + timeout, False, None
     os.set_blocking(fd, False)
     try:
-        while (code := server.exit_code(pid, generation)) is None:
-            if time.monotonic() > deadline:
-                timed_out = True
-                break
-            if eof:
-                time.sleep(0.05)
-            elif select.select([fd], [], [], 0.1)[0]:
+        while code is None and time.monotonic() < deadline:
+            left = deadline - time.monotonic()
+            if eof:                                 # the pipe is closed: only the exit code is missing
+                code = server.exit_code(pid, generation, left)
+            elif select.select([fd], [], [], min(left, 0.2))[0]:
                 chunk = _read_some(fd)
                 eof = chunk == b""
                 data += chunk[:max(0, MAX_RESULTS + 1 - len(data))]
+            else:                                   # ended, though something it started holds the pipe?
+                code = server.exit_code(pid, generation)
         while not eof and len(data) <= MAX_RESULTS:
             chunk = _read_some(fd)
             eof = not chunk
@@ -351,7 +353,7 @@ def wait_and_read(server, pid, generation, fd, timeout):
         except (ProcessLookupError, PermissionError):
             pass
         os.close(fd)
-    return bytes(data), timed_out, code
+    return bytes(data), code is None, code
 
 
 def _read_some(fd):

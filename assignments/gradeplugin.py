@@ -174,12 +174,15 @@ def set_limits(limits):
         resource.setrlimit(which, (n, n))
 
 
-def child(sock, request, fds):
+def child(server_fds, request, fds):
     """The forked grading process: its own session, output, limits, folder and environment; then run().
     Never returns."""
     code = 70
     try:
-        sock.close()
+        signal.set_wakeup_fd(-1)                 # the server's SIGCHLD wake-up is not ours
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for fd in server_fds:
+            os.close(fd)
         os.setsid()                              # its own process group: the grader kills all of it
         key_fd, out_fd, log_fd = fds
         null = os.open(os.devnull, os.O_RDONLY)
@@ -231,9 +234,17 @@ def serve(sock_fd, preload):
         except ImportError:                       # not installed: the tests that need it will say so
             pass
     sock, live = socket.socket(fileno=sock_fd), set()
+    wake_r, wake_w = os.pipe()                    # a finished child wakes the loop up at once
+    for fd in (wake_r, wake_w):
+        os.set_blocking(fd, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
     while True:
         reap(sock, live)
-        if not select.select([sock], [], [], 0.05)[0]:
+        ready = select.select([sock, wake_r], [], [], 1.0)[0]
+        if wake_r in ready:
+            os.read(wake_r, 4096)
+        if sock not in ready:
             continue
         message, fds, _, _ = socket.recv_fds(sock, 1 << 20, 3)
         if not message:
@@ -241,7 +252,7 @@ def serve(sock_fd, preload):
         request = json.loads(message)
         pid = os.fork()
         if pid == 0:
-            child(sock, request, fds)
+            child((sock.fileno(), wake_r, wake_w), request, fds)
         for fd in fds:
             os.close(fd)
         live.add(pid)

@@ -16,11 +16,14 @@ What this file is
     Which tests exist and what they are worth comes from one collection run on the reference itself
     (every test marked @pytest.mark.assignment("aK", points=N), in assignments/tests and
     assignments/hidden). Then, for each submission and each graded assignment, one process runs that
-    assignment's tests (public and hidden) in its own fresh tree:
+    assignment's tests (public and hidden) in its own fresh tree. The processes are forked by one
+    fork server (gradeplugin.serve), which has imported numpy, torch and pytest once and never runs
+    student code, so a run costs 0.4 s instead of 2 s of start-up. Each process gets:
       * `python -I -B`: no PYTHON* variables, no user site, no current folder on sys.path, no .pyc;
         a cleaned environment (PATH, a private HOME and TMPDIR, one thread, pytest's plugin
-        autoload off); pytest with `-p no:cacheprovider -o addopts= -c <empty ini> --confcutdir
-        <tree> --rootdir <tree>`, so no conftest.py or ini file from outside the tree is read;
+        autoload off); its own session; pytest with `-p no:cacheprovider -o addopts= -c <empty
+        ini> --confcutdir <tree> --rootdir <tree>`, so no conftest.py or ini file from outside the
+        tree is read;
       * resource limits set before pytest starts, hard and soft: address space (--memory GiB), CPU
         seconds (--timeout + 5), file size (64 MiB), no core files; a wall-clock timeout
         (--timeout) after which its whole process group is killed;
@@ -30,20 +33,22 @@ What this file is
         record and the XML both say it passed, and every expected test id must be reported.
     A run that ends badly scores 0 for that assignment only, with the reason: "timed out after
     60 s", "process exited (status 0) while importing evaluate.py", "killed by SIGKILL", "hit the
-    memory limit (3 GiB) in test_x", "called sys.exit in test_x", "results not signed by the
+    memory limit (3 GiB) in test_x", "raised SystemExit (sys.exit?) in test_x", "results not signed by the
     grader's plugin", "pytest's machinery was changed during test_x", "the JUnit report and the
     signed results disagree on test_x", "2 expected test(s) not reported".
 
     What a hostile submission can still do (run untrusted code in a container or as its own user):
     its code runs as your user, so it can read and write your files (the reference's hidden tests
-    and solutions, other runs' folders) and tamper with the grader process itself; inside its test
+    and solutions, other runs' folders) and signal or trace the grader's processes; inside its test
     process it can find the signing key in memory or patch pytest more cleverly than the tamper
     check sees; it can read the hidden tests' code during its own run; a process that double-forks
-    into a new session escapes the kill of its group. The grader reads the reference once at the
-    start, so a change to the instructor's files on disk during grading does not reach later runs;
-    it warns when it finds one at the end.
+    into a new session escapes the kill of its group. Killing the fork server costs the runs in
+    flight at that moment: each is run once more with a new server, and a run during which it dies
+    twice scores 0 (with --jobs 1 only the killer's own run). The grader reads the reference once
+    at the start, so a change to the instructor's files on disk during grading does not reach later
+    runs; it warns when it finds one at the end.
 
-    Outputs: the table below (with one submission), a CSV gradebook (--csv: a "(possible)" row, then
+    Outputs: a table on stdout (with one submission), a CSV gradebook (--csv: a "(possible)" row, then
     one row per submission: a column per assignment with its public + hidden points, total, hidden =
     the hidden tests' part of the total, notes), a JSON with every test's outcome (--json), and a
     markdown file per submission (--feedback DIR): each assignment's points, the failing public
@@ -715,8 +720,9 @@ def parse_args(argv):
     if not (args.timeout > 0 and args.memory > 0 and args.jobs >= 1):
         parser.error("--timeout and --memory must be positive and --jobs at least 1")
     for flag in ("json", "csv"):
-        if getattr(args, flag) is not None and os.path.isdir(getattr(args, flag)):
-            parser.error(f"--{flag} {getattr(args, flag)} is a folder; expected a file name")
+        path = getattr(args, flag)
+        if path is not None and (os.path.isdir(path) or not os.path.isdir(os.path.dirname(os.path.abspath(path)))):
+            parser.error(f"--{flag} {path}: expected a file name in an existing folder")
     if args.feedback is not None and os.path.exists(args.feedback) and not os.path.isdir(args.feedback):
         parser.error(f"--feedback {args.feedback} is a file; expected a folder")
     tested = [a for a, (_, kind) in ASSIGNMENTS.items() if kind == "tests"]

@@ -284,6 +284,10 @@ def test_cfg_run_end_to_end_writes_the_lambda_table(tmp_path):
     assert np.array_equal(np.load(out / "samples" / "cfg_lambda0.npz")["images"], uncond)   # lambda = 0: unguided
     assert np.array_equal(np.load(out / "samples" / "sweep_lambda0.npz")["images"], uncond)
     assert "classifier-free: accuracy" in (out / "report.md").read_text()
+    # the released sampler's w = 0.1 (Config.cfg_w), drawn as the lambda form it equals: 0.55 per class
+    w = np.load(out / "samples" / "cfg_w0.1.npz")
+    assert res["cfg_w"]["w"] == 0.1 and res["cfg_w"]["lambdas"] == [0.55, 0.55] and w["lambdas"].tolist() == [0.55, 0.55]
+    assert res["cfg_w"]["accuracy"] == evaluate.circle_stats(w["images"])["accuracy"]
     assert set(res["regressor"]) >= {"regressor", "detector", "mean_abs_difference"}
     ckpt = plumbing.load_checkpoint(str(out / "ddpm.pt"), "ddpm")
     assert ckpt["model_config"]["num_classes"] == 2 and all(0 <= row["null_label"] <= 1 for row in ckpt["log"])

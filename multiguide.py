@@ -144,6 +144,7 @@ def classifier_lambdas(classifiers, lambdas):
     if not classifiers or None in sizes:
         raise ValueError("every guidance classifier needs num_classes (and there must be one)")
     total, K = sum(sizes), len(classifiers)
+    lambdas = [lambdas] if _is_number(lambdas) else lambdas
     flat = torch.is_tensor(lambdas) and lambdas.dim() == 1 or all(_is_number(v) for v in lambdas)
     if flat:
         values = [float(v) for v in lambdas]

@@ -11,6 +11,7 @@ with `fit(model, loss_fn, settings, ckpt_path, rt, meta, identity)`:
         loss = mean(loss_fn(model, batch, g)["loss"])     # under autocast: fp32 | bf16 | fp16
         skip the step if the loss is not finite (all ranks agree)
         scaled backward, unscale, clip the gradient norm, optimizer step, scaler update
+        (fp16: the scaler skips the optimizer step when a gradient overflowed, and so do we the EMA)
         ema <- decay ema + (1 - decay) model              # decay min(ema, (1+k)/(10+k)) with warm-up
         every log_every steps: a row of train_log.csv (interval means of the loss terms, lr, gradient
                                norm, images/s, wall time)
@@ -24,6 +25,17 @@ weights, the EMA and train_log.csv equal an uninterrupted run's (the wall-time c
 Interrupts. Ctrl-C (SIGINT) or SIGTERM during training finishes the current step, writes a
 checkpoint and raises plumbing.Interrupted; the command lines (plumbing.guard) print how to resume and
 exit with 130 / 143. `settings.stop_at` pauses the same way at a given step, without a signal.
+
+Loss scaling (fp16). The loss is multiplied by a scale S before the backward pass so that small
+float16 gradients do not flush to zero; the gradients are divided by S again before clipping and the
+step (torch.amp.GradScaler). A step whose gradients hold an inf or a NaN (an fp16 overflow of S times
+the gradient) is not taken: no optimizer step, no EMA update, S <- S * 0.5; after
+`loss_scale_growth_interval` clean steps in a row S <- 2 S. Such a step counts in the log's `skipped`
+column like a step with a non-finite loss (skipped = optimizer steps not taken, cumulative), its terms
+stay out of the interval means, and fp16 rows carry the scale at the row's end (`loss_scale`). This runs
+on the CPU too (float16 autocast and GradScaler("cpu")), which is how tests/test_fit.py checks it; the
+command lines keep fp16 for CUDA, where it pays. (The released trainer, guided-diffusion's, keeps
+log2 S instead: it starts at 20, adds 0.001 per clean step and subtracts 1 on an overflow.)
 
 Batches. `ddpm_loss`, `classifier_loss` and `regressor_loss` turn a tensor of training images into
 the loss_fn of a network: a random batch (with replacement), random left-right flips (the data
@@ -111,6 +123,10 @@ class FitSettings:
     ema_warmup: bool = True     # decay min(ema, (1+k)/(10+k)); False: the plain decay from step 0
     grad_clip: float = 1.0      # max gradient norm; 0 = no clipping
     precision: str = "fp32"     # fp32 | bf16 | fp16 (fp16 with loss scaling)
+    # fp16's GradScaler: the first loss scale and the clean steps before it doubles (torch's defaults;
+    # tests shrink the interval to see the growth). Its back-off on an overflow is the default 0.5.
+    loss_scale_init: float = 2.0 ** 16
+    loss_scale_growth_interval: int = 2000
     seed: int = 0
     stream: int = 0             # separates the random streams of models trained with the same seed
     log_every: int = 50
@@ -156,7 +172,8 @@ class _State:
     log: list = dataclasses.field(default_factory=list)
     sums: dict = dataclasses.field(default_factory=dict)   # running sums of the logged terms since the last row
     count: int = 0                                          # finite steps in those sums
-    skipped: int = 0                                        # steps skipped for a non-finite loss
+    skipped: int = 0                                        # optimizer steps not taken: a non-finite loss,
+                                                            # or fp16 gradients that overflowed (the scaler)
     wall_s: float = 0.0                                     # training wall time before this process
 
 
@@ -193,7 +210,8 @@ def fit(model, loss_fn, s, ckpt_path, rt, meta, identity, resume=False, on_step=
     model.to(device)
     ema = _copy_for_ema(model) if s.ema > 0 else None
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=(s.precision == "fp16"))
+    scaler = torch.amp.GradScaler(device.type, init_scale=s.loss_scale_init,
+                                  growth_interval=s.loss_scale_growth_interval, enabled=(s.precision == "fp16"))
     log_dir = log_dir or os.path.join(os.path.dirname(ckpt_path), "logs", os.path.splitext(os.path.basename(ckpt_path))[0])
     st = (_restore(ckpt_path, identity, model, ema, opt, scaler, desc, rt.main)
           if resume and os.path.exists(ckpt_path) else _State())
@@ -224,7 +242,8 @@ def fit(model, loss_fn, s, ckpt_path, rt, meta, identity, resume=False, on_step=
                     st.sums[k] = st.sums.get(k, 0.0) + v
                 st.count += 1
             if (step + 1) % s.log_every == 0 or step + 1 == s.steps:
-                row = _log_row(st, step, s, seen / max(time.time() - t_row, 1e-9), st.wall_s + time.time() - t0)
+                row = _log_row(st, step, s, seen / max(time.time() - t_row, 1e-9), st.wall_s + time.time() - t0,
+                               scaler)
                 seen, t_row = 0, time.time()
                 if rt.main:
                     TrainLog(log_dir).append(row)
@@ -246,7 +265,9 @@ def fit(model, loss_fn, s, ckpt_path, rt, meta, identity, resume=False, on_step=
 
 def _one_step(net, model, ema, opt, scaler, loss_fn, s, rt, step):
     """One optimisation step: (means of the loss terms, gradient norm before clipping), or (None, None)
-    when the loss was not finite and the step was skipped (on every rank: they must agree under DDP)."""
+    when the step was skipped: the loss was not finite (on every rank: they must agree under DDP), or
+    fp16 gradients overflowed and the scaler skipped the optimizer step (DDP's all-reduced gradients
+    make every rank see the same overflow)."""
     g = step_generator(s.seed, s.stream, rt.rank, step, rt.device)
     torch.manual_seed(int(torch.randint(2**62, (1,), generator=g, device=rt.device)))  # dropout etc.
     for group in opt.param_groups:
@@ -263,17 +284,23 @@ def _one_step(net, model, ema, opt, scaler, loss_fn, s, rt, step):
     scaler.scale(loss).backward()
     scaler.unscale_(opt)  # true gradients: the norm and the clipping see them, not the scaled ones
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip if s.grad_clip > 0 else float("inf"))
+    scale = scaler.get_scale()
     scaler.step(opt)      # skipped by the scaler when fp16 gradients overflowed (inf/nan)
-    scaler.update()       # ... which halves the scale; it doubles after 2000 clean steps
+    scaler.update()       # ... which halves the scale; it doubles after loss_scale_growth_interval clean steps
+    if scaler.is_enabled() and scaler.get_scale() < scale:
+        return None, None  # the back-off is the scaler's record of a skipped step (backoff_factor < 1)
     if ema is not None:
         _update_ema(ema, model, ema_decay(step, s))
     return {k: float(v.detach().float().mean()) for k, v in terms.items()}, float(norm)
 
 
-def _log_row(st, step, s, img_per_s, wall_s):
-    """Close the log interval ending at `step`: a row of interval means, appended to st.log."""
-    row = {k: v / max(st.count, 1) for k, v in st.sums.items()}  # means over the interval's finite steps
+def _log_row(st, step, s, img_per_s, wall_s, scaler=None):
+    """Close the log interval ending at `step`: a row of interval means, appended to st.log (with the fp16
+    loss scale at the row's end when the scaler is on)."""
+    row = {k: v / max(st.count, 1) for k, v in st.sums.items()}  # means over the interval's steps taken
     row.update(step=step + 1, lr=lr_at(step, s), skipped=st.skipped, img_per_s=img_per_s, wall_s=wall_s)
+    if scaler is not None and scaler.is_enabled():
+        row["loss_scale"] = scaler.get_scale()
     st.log.append(row)
     st.sums, st.count = {}, 0
     return row

@@ -13,18 +13,23 @@ What this file is
             N(0, I), with lam in {0.1, 0.5, 1, 10} and N = 10 as its authors use for images, and the
             score variant (S from eps_theta) at t ~ T/2, the level where its authors interpolate for
             Stable Diffusion (their released code). Both inversion levels are run.
-    App. N  attribute editing: invert a left-circle image halfway (T_inv ~ T/2), then denoise with
-            multi-guidance (lambda = 30 for both classes, Eq. 2) by DDIM with noise injection
-            eta_t = t / T_inv. Where do the circles end up?
+    App. N  attribute editing, as the paper does it: DDIM-invert a left-circle image with half the
+            training steps (T_inv = T/2 steps of the full chain: 2000 of 4000 there), then denoise by
+            DDIM with noise injection eta_t = t / T_inv, decaying linearly from 1 at t = T_inv, under
+            regular (single-class) classifier guidance of strength 30 toward the target class
+            ("--guide single": lambda = 30 on the right-circle class, 0 on the other, Sec. 2.2).
+            "--guide multi" is our variant: multi-guidance (lambda = 30 on both classes, Eq. 2).
+            Where do the circles end up?
 
 Conventions
-    Levels are chain indices of the respaced decoding chain (--steps, default 50 of T = 1000; "half"
-    is the kept step nearest T/2: index 25, original step 510). invert(x, L) runs L inversion steps
+    Levels are chain indices of the decoding chain (interp: --sample-steps, default 50 of T = 1000;
+    "half" is the kept step nearest T/2: index 25, original step 510; edit: all T steps by default,
+    "half" is index T/2). invert(x, L) runs L inversion steps
     (0 .. L-1; step 0 treats the clean image as level 0, the usual approximation) and decode(z, L)
     runs L + 1 DDIM steps (L .. 0, the last returning x_0-hat), so decode(invert(x)) ~ x is not exact
     even for a perfect ODE solver; the reconstruction error is reported. The CLI inverts on a finer
-    chain (--invert-steps, default 250) that also keeps the decoder's level, so the latent lands on
-    the same noise level (inversion_chain: a 50-step inversion lost half of the circles at t ~ T/2).
+    chain (--invert-steps, default 250; edit: all T) that also keeps the decoder's level, so the latent
+    lands on the same noise level (inversion_chain: a 50-step inversion lost half of the circles at t ~ T/2).
     Decoded frames are scored as the 8-bit images they are saved as. A curve with N intervals
     ("--frames N") has N + 1 points; its two ends are the same for every method (the two inverted
     images), so they are decoded once.
@@ -44,7 +49,9 @@ Run it (2 CPU cores, the circles checkpoint of `python train.py --data circles`)
         # 18 min measured with other jobs on the cores (load ~8): decoding 6.5 min, NLL 8 min, score
         # curves 1.7 min; --pairs 10, --nll-pairs 5 or --no-score shrink it
     python latents.py edit --ddpm runs/circles/ddpm.pt --classifier runs/circles/classifier0.pt \
-        --out runs/latents_edit                                                  # ~30 s
+        --out runs/latents_edit     # App. N: T = 1000, 500 inversion steps, 3 decodings of 501 steps:
+        # ~2.5 min for 32 images (measured 61 ms per DDIM step of 32 images, 102 ms guided, 2 cores);
+        # --sample-steps 50 --invert-steps 250 (respaced, not the paper's) takes ~30 s
 """
 import argparse
 import json
@@ -119,10 +126,14 @@ def decode(model, diffusion, z, level, batch=128, stop_level=-1):
 
 
 def app_n_eta(level):
-    """App. N's noise schedule eta_t = t / T_inv in chain indices. A decode from level L takes
-    T_inv = L + 1 steps; step i is the paper's t = i + 1, so eta = (i + 1) / (L + 1): 1 at the first
-    step, 1 / (L + 1) at the last (which adds no noise anyway: ddim_step returns the mean at t = 0)."""
-    return lambda i: (i + 1) / (level + 1)
+    """App. N's noise schedule eta_t = t / T_inv, decaying linearly, for a decode from chain level L.
+
+    An image inverted by L steps (invert: the clean image counts as level 0) is decoded by steps
+    i = L .. 1, each from level i to level i - 1, then step 0 returns x_0-hat. Step i is the paper's
+    t = i and T_inv = L: eta_i = i / L, 1 at the first step, 1 / L at step 1, the paper's values
+    {t / T_inv : t = 1 .. T_inv} exactly; step 0 adds no noise whatever eta (ddim_step: abar_{-1} = 1).
+    """
+    return lambda i: i / level
 
 
 def ddim_loop(model, diffusion, z, level, eta, cond_fn=None, generator=None):
@@ -419,6 +430,24 @@ def edit_stats(before, images, size):
                 z=[_nan_to_none(float(v)) for v in s["z"]])
 
 
+def edit_lambdas(args, num_classes):
+    """The guidance weights of the edit: --lambdas when given; else --guide single (App. N: regular
+    classifier guidance, --strength on the --target class, 0 on the others) or multi (ours: --strength
+    on every class, Eq. 2)."""
+    if args.lambdas is not None:
+        return list(args.lambdas)
+    if args.guide == "multi":
+        return [float(args.strength)] * num_classes
+    return [float(args.strength) if m == args.target else 0.0 for m in range(num_classes)]
+
+
+def edit_name(args, lambdas):
+    """The edit's row name in the tables: which guidance, which weights."""
+    if args.lambdas is None and args.guide == "single":
+        return f"eta_t + single-class guidance to class {args.target}, strength {args.strength:g}"
+    return f"eta_t + multi-guidance lambda = {','.join(f'{v:g}' for v in lambdas)}"
+
+
 def run_edit(model, d, clf, args, device):
     """App. N on left-circle training images; writes edit_grid.png, centre_hist.png, results.json, report.md."""
     start = time.time()
@@ -431,11 +460,11 @@ def run_edit(model, d, clf, args, device):
     x = plumbing.to_tensor(before).to(device)
     inv, inv_level = inversion_chain(d, args.invert_steps, diffusion.timestep_map[level])
     z = invert(model, inv, x, inv_level, args.batch)                   # eta = 0, no guidance
-    eta = app_n_eta(level)
+    eta, lambdas_edit = app_n_eta(level), edit_lambdas(args, clf.num_classes)
     runs = {}
     for name, lambdas in (("reconstruction (eta = 0, no guidance)", None),
-                          ("eta_t, no guidance (control)", [0.0] * len(args.lambdas)),
-                          (f"eta_t + multi-guidance lambda = {','.join(f'{v:g}' for v in args.lambdas)}", args.lambdas)):
+                          ("eta_t, no guidance (control)", [0.0] * clf.num_classes),
+                          (edit_name(args, lambdas_edit), lambdas_edit)):
         t0 = time.time()
         if lambdas is None:
             out = decode(model, diffusion, z, level, args.batch)
@@ -455,7 +484,8 @@ def run_edit(model, d, clf, args, device):
     plumbing.save_grid(grid, os.path.join(args.out, "edit_grid.png"), nrow=cols, scale=max(1, 64 // size))
     plot_edit_hist(toy_circles.normalized_x(centres[:, 0], size), runs, size, os.path.join(args.out, "centre_hist.png"))
     results = dict(config=_config(args), image_size=size, level=level, t_model=int(diffusion.timestep_map[level]),
-                   eta=f"eta_i = (i + 1) / {level + 1} at chain step i (App. N: eta_t = t / T_inv)",
+                   invert_steps=inv_level, decode_steps=level + 1, guide=args.guide, lambdas=lambdas_edit,
+                   eta=f"eta_i = i / {level} at chain step i = {level} .. 0 (App. N: eta_t = t / T_inv, T_inv = {level})",
                    before=dict(cx=centres[:, 0].tolist(), cy=centres[:, 1].tolist(),
                                z_hist=np.histogram(toy_circles.normalized_x(centres[:, 0], size), bins=size,
                                                    range=(0.0, 1.0))[0].tolist()),
@@ -586,8 +616,10 @@ def edit_report(res):
     c = res["config"]
     lines = ["# Attribute editing without mild examples (App. N) on circles", "",
              f"Command: `python latents.py edit {' '.join(sys.argv[2:])}`. {c['n_samples']} left-circle training images "
-             f"(seed {c['seed']}), DDIM-inverted (eta = 0, {c['invert_steps']} respaced steps) to t = {res['t_model']} "
-             f"(level {res['level']} of the {c['sample_steps']}-step decoding chain), then decoded three ways. {res['eta']}. The control and the edit share every "
+             f"(seed {c['seed']}), DDIM-inverted (eta = 0, {res['invert_steps']} steps on a {c['invert_steps']}-step chain) "
+             f"to t = {res['t_model']} (level {res['level']} of the {c['sample_steps']}-step decoding chain), then decoded "
+             f"three ways ({res['decode_steps']} steps each). {res['eta']}. Guidance of the edit: {res['guide']}, lambda = "
+             f"{','.join(f'{v:g}' for v in res['lambdas'])}. The control and the edit share every "
              f"noise draw. Wall time {res['seconds']:.0f} s.", "",
              "| decoding | one circle | in middle band | moved right > 2 px | mean centre x before -> after (px) | "
              "mean dx | mean abs dy |", "|---|---|---|---|---|---|---|"]
@@ -618,17 +650,28 @@ def parse_args(argv):
                    help="pairs whose frames get an NLL (the bound costs ~2.5x the decoding; 10 pairs = 90 frames per method)")
     p.add_argument("--score", action=argparse.BooleanOptionalAction, default=True,
                    help="also the score variant of ProbGEORCE at the T/2 level (lam = 1)")
-    q = sub.add_parser("edit", renamed=renamed, help="App. N: invert left circles halfway, decode with multi-guidance and eta_t = t/T_inv")
+    q = sub.add_parser("edit", renamed=renamed, help="App. N: invert left circles with T/2 steps, decode with "
+                                                      "eta_t = t/T_inv and single-class guidance")
     q.add_argument("--classifier", required=True, help="noisy classifier checkpoint (kind 'classifier')")
     plumbing.add_flags(q, n_samples=32)  # left-circle images to edit
-    q.add_argument("--lambdas", type=plumbing.float_list, default=[30.0, 30.0], help="guidance weight per class (App. N: 30)")
+    q.add_argument("--guide", choices=["single", "multi"], default="single",
+                   help="single: regular classifier guidance toward --target (App. N); multi: our variant, "
+                        "multi-guidance with --strength on every class (Eq. 2)")
+    q.add_argument("--strength", type=plumbing.finite_float, default=30.0, help="guidance strength lambda (App. N: 30)")
+    q.add_argument("--target", type=plumbing.nonnegative_int, default=1,
+                   help="--guide single: the class guided toward (1: right circles; the edited images are left ones)")
+    q.add_argument("--lambdas", type=plumbing.float_list, default=None,
+                   help="explicit weights, one per class (instead of --guide/--strength/--target)")
     q.add_argument("--invert-frac", type=float, default=0.5, help="inversion level as a fraction of T (App. N: 1/2)")
-    for s in (p, q):
+    for s, steps, inv in ((p, "50", "250"), (q, "all", "all")):
         s.add_argument("--ddpm", required=True, help="DDPM checkpoint (kind 'ddpm')")
-        plumbing.add_flags(s, "out", "overwrite", "seed", "sample_steps")  # --sample-steps: DDIM decoding
-        s.add_argument("--invert-steps", default="250",
+        plumbing.add_flags(s, "out", "overwrite", "seed")
+        s.add_argument("--sample-steps", default=steps,
+                       help="DDIM decoding chain: N (evenly spaced), n1,n2,... (per section), ddimN, or all (the T "
+                            "steps; App. N: the decode from T/2 takes T/2 steps, then returns x_0-hat)")
+        s.add_argument("--invert-steps", default=inv,
                        help="respaced DDIM steps for inversion, finer than decoding (see inversion_chain); "
-                            "a number above T means all T steps")
+                            "all, or a number above T, means all T steps (App. N: T/2 inversion steps)")
         plumbing.add_flags(s, "batch", "device", "threads")
         s.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA ones")
     args = parser.parse_args(argv)
@@ -654,8 +697,10 @@ def check_models(parser, args, model, d, clf):
     if model.config.get("in_channels", 3) != 3:
         parser.error(f"--ddpm {args.ddpm} models {model.config['in_channels']}-channel images; "
                      f"latents.py works on the RGB circles")
-    if args.invert_steps.isdigit() and int(args.invert_steps) > d["T"]:
+    if args.invert_steps == "all" or (args.invert_steps.isdigit() and int(args.invert_steps) > d["T"]):
         args.invert_steps = str(d["T"])
+    if args.sample_steps == "all":
+        args.sample_steps = str(d["T"])
     try:
         toy_circles.check_size(model.config["image_size"])
     except ValueError as e:
@@ -667,9 +712,11 @@ def check_models(parser, args, model, d, clf):
             ddpm.space_timesteps(d["T"], spec)
         except ValueError as e:
             parser.error(f"{flag}: {e}")
-    if clf is not None and len(args.lambdas) != clf.num_classes:
+    if clf is not None and args.lambdas is not None and len(args.lambdas) != clf.num_classes:
         parser.error(f"--lambdas gives {len(args.lambdas)} weights, but classifier {args.classifier} has "
                      f"{clf.num_classes} classes")
+    if clf is not None and args.target >= clf.num_classes:
+        parser.error(f"--target {args.target}: classifier {args.classifier} has classes 0 .. {clf.num_classes - 1}")
 
 
 def main(argv=None):

@@ -113,6 +113,8 @@ class Config:
         "choices": ["classifier", "free"]})
     label_dropout: float = field(default=0.1, metadata={"help": "with --guidance free: probability that a "
                                                         "training label becomes the null label (App. J)"})
+    cfg_w: float = field(default=0.1, metadata={"help": "with --guidance free: also sample at the authors' "
+                                                "classifier-free weight w, eps = -w eps(null) + (1 + w) mean_m eps(y_m)"})
     # --- noisy guidance classifier (Sec. 4.2, 5.5) ---
     clf: str = field(default="cpu", metadata={"help": "classifier preset in classifier.py",
                                               "choices": sorted(classifier.PRESETS)})
@@ -460,6 +462,17 @@ def guidance_sweep(cfg, rt, model, d, ddpm_step, clf):
     return rows
 
 
+def released_cfg(cfg, rt, model, d, ddpm_step):
+    """A --guidance free run sampled at the authors' classifier-free weight w = cfg.cfg_w (App. J; the
+    released sampler, multiguide.cfg_output), drawn through the lambda form it equals exactly:
+    lambda_m = (1 + w) / M on each of the M classes (multiguide.cfg_w_lambdas)."""
+    lam = multiguide.cfg_w_lambdas(cfg.cfg_w, DATA[cfg.data]["classes"])
+    stats = circle_samples(cfg, rt, model, d, f"cfg_w{cfg.cfg_w:g}", ddpm_step, None, tuple(lam), guidance="free")
+    print(f"classifier-free at w = {cfg.cfg_w:g} (lambda {lam[0]:g} per class): accuracy {stats['accuracy']:.3f}, "
+          f"bad {stats['bad_fraction']:.3f}")
+    return dict(w=cfg.cfg_w, lambdas=lam, **sample_summary(stats))
+
+
 # ----------------------------------------------------------------------------------------------
 # The circles and corners experiments (Sec. 5.5, App. F)
 # ----------------------------------------------------------------------------------------------
@@ -487,10 +500,11 @@ def run_circles(cfg, rt):
             print(f"run {r}: accuracy {runs[-1]['accuracy']:.3f}, bad {runs[-1]['bad_fraction']:.3f}{centre}")
     with plumbing.timed(timings, "sweep_sampling_s"):
         sweep = guidance_sweep(cfg, rt, ema, d, ddpm_step, clfs[0])
+        free_w = released_cfg(cfg, rt, ema, d, ddpm_step) if cfg.guidance == "free" else None
     with plumbing.timed(timings, "evaluation_s"):
         results = circles_results(cfg, data, ema, d, clfs, regressor, uncond, runs, sweep)
     timings["total_s"] = time.time() - t_start
-    return dict(results, timings_s=timings)
+    return dict(results, timings_s=timings, **({"cfg_w": free_w} if free_w else {}))
 
 
 def circles_results(cfg, data, ema, d, clfs, regressor, uncond, runs, sweep):

@@ -1,5 +1,7 @@
-"""Guidance variants: classifier-free multi-guidance (App. J, Eq. 12 read consistently), two variables
-(App. F, region "corners" and the unseen centre square) and a regressor as the evaluator (App. K)."""
+"""Guidance variants: classifier-free multi-guidance (App. J, Eq. 12 read consistently) in both
+parametrisations, the authors' released w (eps = -w eps(null) + (1 + w) mean_m eps(y_m), the default)
+and our lambda, with the mapping lambda_m = (1 + w) / M between them; two variables (App. F, region
+"corners" and the unseen centre square) and a regressor as the evaluator (App. K)."""
 import json
 import os
 import subprocess
@@ -135,6 +137,75 @@ def test_cfg_mix_special_cases_are_exact():
     assert torch.allclose(mg.classifier_free_output(model, x, t, [(1 + lam) / 2] * 2)[:, :3], eq12, atol=1e-12)
 
 
+class AffineEps(torch.nn.Module):
+    """eps(x, y) = a_y x + b_y, v = c_y, for M = len(a) - 1 classes; y = M is the null label (float64)."""
+
+    def __init__(self, a, b, c):
+        super().__init__()
+        self.num_classes = len(a) - 1
+        self.a, self.b, self.c = (torch.tensor(v, dtype=torch.float64) for v in (a, b, c))
+
+    def forward(self, x, t, y=None):
+        y = torch.full((x.shape[0],), self.num_classes) if y is None else y
+        col = lambda v: v[y][:, None, None, None]  # noqa: E731
+        return torch.cat([col(self.a) * x + col(self.b), col(self.c) + torch.zeros_like(x)], dim=1)
+
+
+@pytest.mark.parametrize("M", [2, 3])
+def test_released_w_mix_is_the_lambda_mix_at_one_plus_w_over_m(M):
+    # the released sampler: eps = -w eps(null) + (1 + w) mean_m eps(y_m); ours: eps(null) + sum_m lambda_m
+    # (eps_m - eps(null)). Closed form: equal lambda_m = (1 + w) / M gives the w mix; w = M lambda - 1.
+    a, b, c = [0.5, -1.0, 2.0, 0.25][:M] + [1.5], [0.1, 0.2, -0.3, 0.7][:M] + [-0.2], [0.3, -0.4, 0.9, 0.1][:M] + [0.6]
+    model = AffineEps(a, b, c)
+    x, t = torch.randn(4, 3, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(6)), torch.arange(4)
+    null = model(x, t)[:, :3]
+    conds = [model(x, t, torch.full((4,), m))[:, :3] for m in range(M)]
+    for w in (0.1, 0.0, -1.0, 2.5, 7.0):
+        by_hand = -w * null + (1 + w) * sum(conds) / M                          # the release, written out
+        got = mg.cfg_output(model, x, t, w)
+        assert torch.allclose(got[:, :3], by_hand, rtol=0, atol=1e-12)
+        assert torch.equal(got[:, 3:], model(x, t)[:, 3:])                     # v of the null-label pass
+        lam = mg.cfg_w_lambdas(w, M)
+        assert lam == [(1 + w) / M] * M and mg.lambdas_cfg_w(lam) == pytest.approx(w, abs=1e-14)
+        assert torch.allclose(mg.classifier_free_output(model, x, t, lam)[:, :3], by_hand, rtol=0, atol=1e-12)
+    assert mg.cfg_w_lambdas(0.1, 2) == [0.55, 0.55] and mg.lambdas_cfg_w([0.55, 0.55]) == pytest.approx(0.1)
+    assert mg.lambdas_cfg_w([0.0] * M) == -1.0 and mg.lambdas_cfg_w([1.0 / M] * M) == pytest.approx(0.0)
+    assert torch.equal(mg.cfg_output(model, x, t, -1.0)[:, :3], null)          # w = -1: the unconditional model
+    with pytest.raises(ValueError, match="equal weights"):
+        mg.lambdas_cfg_w([0.5, 0.6])
+
+
+def test_sampler_defaults_to_the_released_w_and_refuses_both_forms(cond_unet):
+    kw = dict(respacing="3", seed=4, progress=False, guidance="free")
+    default = mg.sample(cond_unet, DIFFUSION, 2, **kw)
+    assert mg.CFG_W == 0.1 and torch.equal(default, mg.sample(cond_unet, DIFFUSION, 2, cfg_w=0.1, **kw))
+    lam = mg.sample(cond_unet, DIFFUSION, 2, lambdas=[0.55, 0.55], **kw)     # the same mix in our form
+    assert (default - lam).abs().max() < 1e-4 and not torch.equal(default, mg.sample(cond_unet, DIFFUSION, 2, cfg_w=3.0, **kw))
+    with pytest.raises(ValueError, match="not both"):
+        mg.sample(cond_unet, DIFFUSION, 1, lambdas=[1.0, 1.0], cfg_w=0.1, **kw)
+    with pytest.raises(ValueError, match="classifier-free"):
+        mg.sample(cond_unet, DIFFUSION, 1, cfg_w=0.1, progress=False)
+
+
+def test_cli_free_guidance_writes_the_w_and_its_lambdas(cond_unet, tmp_path, capsys):
+    path = str(tmp_path / "cond.pt")
+    plumbing.save_checkpoint(path, dict(kind="ddpm", model_config=cond_unet.config, diffusion=DIFFUSION,
+                                        model=cond_unet.state_dict()))
+    base = ["--ddpm", path, "--guidance", "free", "--n-samples", "2", "--sample-steps", "3", "--threads", "1"]
+    mg.main([*base, "--out", str(tmp_path / "w")])
+    with np.load(tmp_path / "w" / "samples.npz") as f:
+        assert float(f["cfg_w"]) == 0.1 and f["lambdas"].tolist() == [0.55, 0.55]
+    assert json.loads((tmp_path / "w" / "samples.json").read_text())["cfg_w"] == 0.1
+    capsys.readouterr()
+    for args, message in [(["--cfg-w", "0.1", "--lambdas", "1,1"], "give one of them"),
+                          (["--cfg-w", "nan"], "--cfg-w"),
+                          (["--lambdas", "1,1,1"], "gives 3 weights")]:
+        assert message in refused(mg.main, [*base, *args, "--out", str(tmp_path / "x")], capsys), args
+    ddpm_only = ["--ddpm", path, "--cfg-w", "0.1", "--out", str(tmp_path / "x")]
+    assert "with --guidance free" in refused(mg.main, ddpm_only, capsys)
+    assert not (tmp_path / "x").exists()
+
+
 def test_cfg_mix_on_the_unet_one_batched_forward(cond_unet):
     x, t = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3)), torch.tensor([10, 90])
     with torch.no_grad():
@@ -213,6 +284,10 @@ def test_cfg_run_end_to_end_writes_the_lambda_table(tmp_path):
     assert np.array_equal(np.load(out / "samples" / "cfg_lambda0.npz")["images"], uncond)   # lambda = 0: unguided
     assert np.array_equal(np.load(out / "samples" / "sweep_lambda0.npz")["images"], uncond)
     assert "classifier-free: accuracy" in (out / "report.md").read_text()
+    # the released sampler's w = 0.1 (Config.cfg_w), drawn as the lambda form it equals: 0.55 per class
+    w = np.load(out / "samples" / "cfg_w0.1.npz")
+    assert res["cfg_w"]["w"] == 0.1 and res["cfg_w"]["lambdas"] == [0.55, 0.55] and w["lambdas"].tolist() == [0.55, 0.55]
+    assert res["cfg_w"]["accuracy"] == evaluate.circle_stats(w["images"])["accuracy"]
     assert set(res["regressor"]) >= {"regressor", "detector", "mean_abs_difference"}
     ckpt = plumbing.load_checkpoint(str(out / "ddpm.pt"), "ddpm")
     assert ckpt["model_config"]["num_classes"] == 2 and all(0 <= row["null_label"] <= 1 for row in ckpt["log"])

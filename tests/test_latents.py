@@ -1,6 +1,7 @@
 """latents.py: DDIM inversion and decoding against a float64 recursion and a single-point oracle, the
 curves' exact ends, the path and energy metrics by hand, the per-step-eta DDIM of App. N against
-ddpm's sample_loop, the variational bound on a respaced chain against a float64 recomputation, and
+ddpm's sample_loop, App. N's eta_t = t / T_inv with the paper's numbers (T = 4000, 2000 inversion
+steps), its single-class guidance (the target class's gradient only) against our multi-guided variant, the variational bound on a respaced chain against a float64 recomputation, and
 both CLIs (a tiny run, and one-line refusals of bad input)."""
 import copy
 import json
@@ -16,6 +17,7 @@ import torch
 import classifier as C
 import ddpm
 import latents
+import multiguide
 import plumbing
 import toy_circles
 import unet
@@ -194,7 +196,7 @@ def test_per_step_eta_ddim_equals_sample_loop_and_its_noise_is_seeded(model):
         assert torch.equal(mine, ref)
     # App. N: eta_t = t / T_inv; from level 1 the first step has eta = 1 and the last (t = 0) adds no noise
     eta = latents.app_n_eta(24)
-    assert eta(24) == 1.0 and eta(0) == 1 / 25 and eta(12) == 13 / 25
+    assert eta(24) == 1.0 and eta(12) == 0.5 and eta(1) == 1 / 24 and eta(0) == 0.0
     mine = latents.ddim_loop(model, d, z, 1, latents.app_n_eta(1), None, gen(5))
     ref = d.sample_loop(model, z.shape, sampler="ddim", eta=1.0, noise=z, start_t=1, generator=gen(5), progress=False)
     assert torch.equal(mine, ref)
@@ -204,6 +206,57 @@ def test_per_step_eta_ddim_equals_sample_loop_and_its_noise_is_seeded(model):
     assert torch.equal(a, b) and (a - c).abs().max() > 1e-3               # seeded, and the noise matters
     zero = [latents.ddim_loop(model, d, z, 7, lambda i: 0.0, None, gen(s)) for s in (6, 7)]
     assert torch.equal(*zero)                                            # eta = 0 uses no randomness
+
+
+def test_app_n_eta_is_t_over_t_inv_with_the_papers_numbers():
+    # App. N: 2000 inversion steps of T = 4000, eta_t = t / 2000 for t = 1 .. 2000, linearly decaying
+    d = ddpm.diffusion_from_config(dict(DIFFUSION, T=4000), "")            # the full chain, no respacing
+    level = latents.chain_level(d, "half")
+    assert level == 2000 and d.timestep_map[level] == 2000                  # invert(x, 2000): 2000 steps
+    eta = latents.app_n_eta(level)
+    values = [eta(i) for i in range(level, 0, -1)]                          # the decode's noisy steps, in order
+    assert values == [t / 2000 for t in range(2000, 0, -1)]
+    assert values[0] == 1.0 and values[1000] == 0.5 and values[-1] == 0.0005      # t = 2000, 1000, 1
+    assert all(a - b == pytest.approx(1 / 2000, abs=1e-15) for a, b in zip(values, values[1:]))   # linear
+
+
+class Args:
+    """The edit subcommand's weight options."""
+
+    def __init__(self, guide="single", strength=30.0, target=1, lambdas=None):
+        self.guide, self.strength, self.target, self.lambdas = guide, strength, target, lambdas
+
+
+def test_single_class_edit_guides_with_the_target_class_gradient_only(model):
+    torch.manual_seed(9)
+    clf = perturbed(C.build_classifier("tiny"), seed=9).eval()
+    assert latents.edit_lambdas(Args(), 2) == [0.0, 30.0]                  # App. N: strength 30 toward class 1
+    assert latents.edit_lambdas(Args(target=0, strength=12.5), 2) == [12.5, 0.0]
+    assert latents.edit_lambdas(Args(guide="multi"), 2) == [30.0, 30.0]    # our variant, Eq. 2
+    assert latents.edit_lambdas(Args(lambdas=[1.0, 2.0]), 2) == [1.0, 2.0]
+    x, t = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(10)), torch.tensor([20, 70])
+    xi = x.clone().requires_grad_(True)
+    log_p = torch.nn.functional.log_softmax(clf(xi, t), dim=1)
+    (g_target,) = torch.autograd.grad(30.0 * log_p[:, 1].sum(), xi, retain_graph=True)
+    (g_other,) = torch.autograd.grad(30.0 * log_p[:, 0].sum(), xi)
+    single = multiguide.make_cond_fn(clf, latents.edit_lambdas(Args(), 2))(x, t)
+    multi = multiguide.make_cond_fn(clf, latents.edit_lambdas(Args(guide="multi"), 2))(x, t)
+    assert torch.equal(single, g_target)                                     # only the target's score, bit for bit
+    torch.testing.assert_close(multi, g_target + g_other, rtol=1e-5, atol=1e-5)
+    assert (single - multi).abs().max() > 1e-3
+    # through the App. N decode: the edit with --guide single is DDIM with eta_t and g = 30 grad log p(1 | x_t)
+    d, z = chain("10"), torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(11))
+    by_hand = lambda xx, tm: _target_grad(clf, xx, tm)  # noqa: E731
+    gen = lambda: torch.Generator().manual_seed(12)  # noqa: E731
+    edit = latents.ddim_loop(model, d, z, 5, latents.app_n_eta(5), multiguide.make_cond_fn(clf, [0.0, 30.0]), gen())
+    assert torch.equal(edit, latents.ddim_loop(model, d, z, 5, latents.app_n_eta(5), by_hand, gen()))
+
+
+def _target_grad(clf, x, t):
+    """30 grad_x log p(y = 1 | x, t), written out."""
+    with torch.enable_grad():
+        xi = x.detach().requires_grad_(True)
+        return torch.autograd.grad(30.0 * torch.nn.functional.log_softmax(clf(xi, t), 1)[:, 1].sum(), xi)[0]
 
 
 # --- the variational bound on a respaced chain ------------------------------------------------
@@ -296,6 +349,18 @@ def test_interp_and_edit_cli_end_to_end(checkpoints, tmp_path):
     for run in res["runs"].values():
         assert {"one_circle", "middle_band", "moved_right", "cx_before", "z_hist"} <= set(run)
     assert (out / "edit_grid.png").stat().st_size > 100 and (out / "centre_hist.png").stat().st_size > 100
+    assert res["guide"] == "single" and res["lambdas"] == [0.0, 30.0]                  # App. N by default
+    assert "single-class guidance to class 1, strength 30" in list(res["runs"])[2]
+    # the defaults are App. N's chain: all T = 100 steps, inverted by T/2 = 50 steps, decoded by 51
+    out = tmp_path / "edit_multi"
+    r = run_cli("edit", "--ddpm", str(checkpoints / "ddpm.pt"), "--classifier", str(checkpoints / "clf.pt"),
+                "--out", str(out), "--n-samples", "2", "--guide", "multi")
+    assert r.returncode == 0, r.stderr
+    res = json.loads((out / "results.json").read_text())
+    assert res["lambdas"] == [30.0, 30.0] and "multi-guidance lambda = 30,30" in list(res["runs"])[2]
+    assert (res["level"], res["t_model"], res["invert_steps"], res["decode_steps"]) == (50, 50, 50, 51)
+    assert res["config"]["sample_steps"] == res["config"]["invert_steps"] == "100"
+    assert res["eta"].startswith("eta_i = i / 50")
 
 
 def test_bad_input_is_refused_with_one_line(checkpoints, tmp_path):
@@ -303,7 +368,11 @@ def test_bad_input_is_refused_with_one_line(checkpoints, tmp_path):
     cases = [(("interp", "--ddpm", str(tmp_path / "missing.pt"), "--out", out), "does not exist"),
              (("edit", "--ddpm", ddpm_pt, "--classifier", str(checkpoints / "clf32.pt"), "--out", out), "image_size"),
              (("interp", "--ddpm", ddpm_pt, "--out", out, "--frames", "1"), "--frames"),
-             (("interp", "--ddpm", ddpm_pt, "--out", out, "--pairs", "0"), "--pairs")]
+             (("interp", "--ddpm", ddpm_pt, "--out", out, "--pairs", "0"), "--pairs"),
+             (("edit", "--ddpm", ddpm_pt, "--classifier", str(checkpoints / "clf.pt"), "--out", out, "--target", "2"),
+              "--target 2"),
+             (("edit", "--ddpm", ddpm_pt, "--classifier", str(checkpoints / "clf.pt"), "--out", out, "--guide", "both"),
+              "--guide")]
     for args, needle in cases:
         r = run_cli(*args)
         assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, (args, r.stderr)

@@ -1,6 +1,8 @@
 """multiguide.py: the multi-guidance gradient of Eq. 2 (against per-class autograd and float64 finite
 differences), its special cases (lambda = 0 is the unguided sampler, [0, c] is single-class guidance),
-the mean shift of Sec. 2.2 through ddpm.p_sample, checkpoint loading and the CLI."""
+Eq. 2's sum over several classifiers (two one-output classifiers = one two-head classifier computing
+the same functions; per-class and per-classifier weights), the mean shift of Sec. 2.2 through
+ddpm.p_sample, checkpoint loading and the CLI (several --classifier files included)."""
 import os
 import subprocess
 import sys
@@ -110,6 +112,65 @@ def test_lambda_count_and_zero_lambdas(clf):
         mg.make_cond_fn(clf, [1.0])
     assert mg.make_cond_fn(clf, [0.0, 0.0]) is None
     assert callable(mg.make_cond_fn(clf, [0.0, 1.0]))
+
+
+# --- Eq. 2 over several classifiers ------------------------------------------------------------
+
+class OneLogit(torch.nn.Module):
+    """A one-output classifier: the log-odds z_m - z_other of class m of a two-head classifier, so that
+    p(y | x_t) = sigmoid(z_m - z_other) = softmax(z)_m: the same function as that head."""
+    num_classes = 1
+
+    def __init__(self, two_head, m):
+        super().__init__()
+        self.two_head, self.m = two_head, m
+
+    def forward(self, x, t):
+        z = self.two_head(x, t)
+        return (z[:, self.m] - z[:, 1 - self.m])[:, None]
+
+
+def test_two_one_output_classifiers_guide_like_one_two_head_classifier(clf):
+    c64 = C.NoisyClassifier(**clf.config)
+    c64.load_state_dict(clf.state_dict())
+    c64 = c64.double().eval()
+    torch.manual_seed(7)
+    x, t = torch.randn(3, 3, 16, 16, dtype=torch.float64), torch.tensor([4, 40, 90])
+    pair = [OneLogit(c64, 0), OneLogit(c64, 1)]
+    for lam in ([30.0, 30.0], [2.0, -5.0], [0.0, 30.0]):
+        one = mg.multi_guidance_grad(c64, x, t, lam)                          # sum_m lambda_m grad log p(y_m | x)
+        two = mg.multi_classifier_grad(pair, x, t, lam)                       # sum_k lambda_k grad log sigmoid(l_k)
+        assert two.dtype == torch.float64 and one.abs().max() > 1e-3
+        torch.testing.assert_close(two, one, rtol=1e-10, atol=1e-12)         # float64: the same function
+    # a per-sample (B, 1) weight for each one-output classifier, and the sampler's cond_fn, in float32
+    x32 = x.float()
+    lam_b = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
+    two = mg.multi_classifier_grad([OneLogit(clf, 0), OneLogit(clf, 1)], x32, t, [lam_b[:, :1], lam_b[:, 1:]])
+    torch.testing.assert_close(two, mg.multi_guidance_grad(clf, x32, t, lam_b), rtol=1e-4, atol=1e-6)
+    cond = mg.make_cond_fn([OneLogit(clf, 0), OneLogit(clf, 1)], [30.0, 30.0])
+    torch.testing.assert_close(cond(x32, t), mg.make_cond_fn(clf, [30.0, 30.0])(x32, t), rtol=1e-4, atol=1e-5)
+
+
+def test_several_classifiers_sum_their_scores_with_weights_per_class_or_per_classifier(clf):
+    torch.manual_seed(8)
+    other = perturbed(C.build_classifier("tiny"), seed=8).eval()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 80])
+    g1, g2 = mg.multi_guidance_grad(clf, x, t, [1.0, 2.0]), mg.multi_guidance_grad(other, x, t, [3.0, -4.0])
+    both = [clf, other]
+    for lambdas in ([[1.0, 2.0], [3.0, -4.0]], [1.0, 2.0, 3.0, -4.0]):     # nested, or flat per class
+        assert torch.equal(mg.multi_classifier_grad(both, x, t, lambdas), g1 + g2)
+    per_clf = mg.multi_classifier_grad(both, x, t, [5.0, 7.0])               # one weight per classifier
+    assert torch.equal(per_clf, mg.multi_guidance_grad(clf, x, t, [5.0, 5.0]) + mg.multi_guidance_grad(other, x, t, [7.0, 7.0]))
+    assert torch.equal(mg.multi_classifier_grad(both, x, t, [[1.0, 2.0], 0.0]), g1)   # a zero classifier adds nothing
+    spy = Spy(other)
+    mg.make_cond_fn([clf, spy], [1.0, 2.0, 0.0, 0.0])(x, t)
+    assert spy.seen == []                                                    # ... and is never called
+    assert mg.make_cond_fn([clf, other], [0.0, 0.0]) is None
+    assert torch.equal(mg.multi_classifier_grad([clf], x, t, [1.0, 2.0]), g1)   # one classifier: bit for bit
+    for bad, message in (([1.0, 2.0, 3.0], r"3 guidance weight.*2 classifiers with 2\+2 = 4 classes.*\(4\).*\(2\)"),
+                         ([[1.0, 2.0]], "1 entries.*2 classifiers"), ([[1.0], 2.0], "1 guidance weight.*2 classes")):
+        with pytest.raises(ValueError, match=message):
+            mg.multi_classifier_grad(both, x, t, bad)
 
 
 # --- through the samplers --------------------------------------------------------------------
@@ -239,6 +300,33 @@ def test_cli_smoke(ckpts, tmp_path, denoiser, clf):
     x = mg.sample(denoiser, DIFFUSION, 4, classifier=clf, lambdas=[30.0, 30.0], respacing="5", batch=3, seed=2,
                   progress=False)
     assert np.abs(images.astype(int) - ((x.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).numpy()).max() <= 1
+
+
+def test_cli_several_classifiers_sum_their_guidance(ckpts, tmp_path, capsys):
+    # Eq. 2 over k: the same classifier twice at 15 per class guides like it once at 30 (g is linear in lambda)
+    common = ["--ddpm", ckpts["ddpm"], "--n-samples", "3", "--sample-steps", "4", "--seed", "5", "--threads", "1"]
+    runs = {"once": ["--classifier", ckpts["clf"], "--lambdas", "30,30"],
+            "per_class": ["--classifier", ckpts["clf"], ckpts["clf"], "--lambdas", "15,15,15,15"],
+            "per_classifier": ["--classifier", ckpts["clf"], ckpts["clf"], "--lambdas", "15,15"],
+            "default": ["--classifier", ckpts["clf"], ckpts["clf"]]}
+    out = {}
+    for name, args in runs.items():
+        mg.main([*common, *args, "--out", str(tmp_path / name)])
+        with np.load(tmp_path / name / "samples.npz") as f:
+            out[name] = (f["images"].astype(int), f["lambdas"].tolist())
+    assert out["per_class"][1] == out["per_classifier"][1] == [15.0] * 4 and out["default"][1] == [30.0] * 4
+    assert np.array_equal(out["per_class"][0], out["per_classifier"][0])       # the same weights, read two ways
+    assert np.abs(out["per_class"][0] - out["once"][0]).max() <= 1              # float rounding of 15 g + 15 g
+    assert np.abs(out["default"][0] - out["once"][0]).max() > 1                 # 30 + 30 guides harder
+    capsys.readouterr()
+    for args, message in [(["--classifier", ckpts["clf"], ckpts["clf32"]], "clf32.pt has image_size 32"),
+                          (["--classifier", ckpts["clf"], ckpts["clf"], "--lambdas", "1,2,3"],
+                           "give one per class (4) or one per classifier (2)")]:
+        with pytest.raises(SystemExit) as exc:
+            mg.main([*common, *args, "--out", str(tmp_path / "bad")])
+        text = capsys.readouterr().err + (exc.value.code if isinstance(exc.value.code, str) else "")
+        assert exc.value.code != 0 and message in text and len(text.strip().splitlines()) == 1, text
+    assert not (tmp_path / "bad").exists()
 
 
 def test_cli_bad_inputs(ckpts, tmp_path, capsys):

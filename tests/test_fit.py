@@ -1,0 +1,152 @@
+"""fit.py's mixed precision on the CPU: float16 autocast with loss scaling (torch.amp.GradScaler on the
+CPU device), the step whose fp16 gradients overflow (skipped, counted, the scale backed off by 0.5),
+the scale's growth after loss_scale_growth_interval clean steps (against a hand-run of the rule), an
+exact fp16 resume, the tiny U-Net's DDPM loss under fp16, and bf16 (no scaler). `pytest -k fp16`
+selects the fp16 ones. The command lines keep fp16 for CUDA (tests/test_train.py checks the refusal)."""
+import pytest
+import torch
+
+import ddpm
+import fit
+import plumbing
+import toy_circles
+import unet
+
+CPU = fit.Runtime(0, 1, torch.device("cpu"))
+TARGET = torch.tensor([[1.5], [-2.0], [0.5], [3.0]])       # y = x @ TARGET + 0.25: a least-squares fit
+
+
+def regression(overflow_at=(), seen=None):
+    """loss_fn for y = x W + b on fresh Gaussian x: the squared error per example. At the 0-based call
+    indices in overflow_at the loss is multiplied by 1e6: finite in float32 (the loss itself is ~1e7),
+    but with a loss scale S >= 2^8 the gradient of the fp16 output, S 1e6 2 err / 32, exceeds 65504,
+    the largest float16, so the backward pass overflows to inf. seen collects the dtypes of the output."""
+    calls = []
+
+    def loss_fn(net, batch, g):
+        x = torch.randn(batch, 4, generator=g)
+        out = net(x)
+        if seen is not None:
+            seen.append(out.dtype)
+        err = (out.float() - (x @ TARGET + 0.25)) ** 2
+        calls.append(1)
+        return dict(loss=err.squeeze(1) * (1e6 if len(calls) - 1 in overflow_at else 1.0))
+    return loss_fn
+
+
+def run(tmp_path, loss_fn, precision, steps, name="m.pt", resume=False, lr=0.05, **settings):
+    """fit() a fresh Linear(4, 1) (seed 0) for `steps` steps, one log row per step; returns (log, the
+    weights after every step, the checkpoint)."""
+    torch.manual_seed(0)
+    model, weights = torch.nn.Linear(4, 1), []
+    s = fit.FitSettings(steps=steps, batch=32, lr=lr, grad_clip=0.0, precision=precision, log_every=1,
+                        ckpt_every=1000, **settings)
+    path = str(tmp_path / name)
+    _, _, log = fit.fit(model, loss_fn, s, path, CPU, dict(kind="test"), {},
+                        on_step=lambda step, m: weights.append(torch.cat([m.weight.flatten(), m.bias]).detach().clone()),
+                        resume=resume)
+    return log, weights, plumbing.load_checkpoint(path)
+
+
+def test_fp16_fit_trains_on_the_cpu_with_a_loss_scaler(tmp_path):
+    seen = []
+    log, weights, ckpt = run(tmp_path, regression(seen=seen), "fp16", 100, lr=0.1)
+    assert set(seen) == {torch.float16}                        # the forward ran in float16 (autocast)
+    losses = [row["loss"] for row in log if "loss" in row]
+    assert losses[-1] < 1e-3 * losses[0], (losses[0], losses[-1])
+    # The default first scale, 2^16, overflows float16 at first (the weight gradient sums 32 examples):
+    # the scaler halves it at each skipped step, and it does not grow again before 2000 clean steps.
+    skipped = [row["skipped"] for row in log]
+    assert skipped[-1] > 0 and [row["loss_scale"] for row in log] == [2.0 ** 16 * 0.5 ** k for k in skipped]
+    assert ckpt["scaler"]["scale"] == log[-1]["loss_scale"] and ckpt["scaler"]["_growth_tracker"] == 100 - skipped[-1]
+    w = torch.cat([TARGET.flatten(), torch.tensor([0.25])])
+    assert weights[-1].dtype == torch.float32 and (weights[-1] - w).abs().max() < 0.02   # float32 master weights
+
+
+def test_fp16_overflowing_step_is_skipped_counted_and_backs_off_the_scale(tmp_path):
+    # first scale 2^8: small enough that only the step with the loss x 1e6 overflows
+    log, weights, ckpt = run(tmp_path, regression(overflow_at={2}), "fp16", 5, loss_scale_init=256.0)
+    assert [row["loss_scale"] for row in log] == [256.0, 256.0, 128.0, 128.0, 128.0]   # backed off by 0.5
+    assert [row["skipped"] for row in log] == [0, 0, 1, 1, 1]    # cumulative: optimizer steps not taken
+    assert torch.equal(weights[2], weights[1])                  # step 3 changed nothing
+    assert not torch.equal(weights[3], weights[2]) and not torch.equal(weights[1], weights[0])
+    assert "loss" not in log[2] and "grad_norm" not in log[2]   # its terms stay out of the interval means
+    assert all(torch.isfinite(w).all() for w in weights)
+    assert ckpt["optimizer"]["state"][0]["step"].item() == 4    # AdamW stepped 4 times in 5 steps
+    # the same loss in float32 does not overflow: the skip above is fp16's, not the loss's
+    log32, w32, _ = run(tmp_path, regression(overflow_at={2}), "fp32", 5, name="fp32.pt", loss_scale_init=256.0)
+    assert [row["skipped"] for row in log32] == [0] * 5 and not torch.equal(w32[2], w32[1])
+    assert "loss_scale" not in log32[0]                          # no scaler, no column
+
+
+def scale_rule(init, interval, overflow, steps):
+    """GradScaler's rule run by hand: after each step the scale halves on an overflow (and the count of
+    clean steps restarts), else the count grows and the scale doubles when it reaches `interval`."""
+    scale, clean, out = init, 0, []
+    for k in range(steps):
+        if k in overflow:
+            scale, clean = scale * 0.5, 0
+        else:
+            clean += 1
+            if clean == interval:
+                scale, clean = scale * 2.0, 0
+        out.append(scale)
+    return out
+
+
+def test_fp16_scale_grows_after_growth_interval_clean_steps_and_backs_off(tmp_path):
+    log, weights, _ = run(tmp_path, regression(overflow_at={4}), "fp16", 9, loss_scale_init=256.0,
+                          loss_scale_growth_interval=3)
+    expected = scale_rule(256.0, 3, {4}, 9)
+    assert expected == [256, 256, 512, 512, 256, 256, 256, 512, 512]
+    assert [row["loss_scale"] for row in log] == expected
+    assert [row["skipped"] for row in log] == [0, 0, 0, 0, 1, 1, 1, 1, 1]
+    assert torch.equal(weights[4], weights[3])              # at S = 512 the output's gradient is still
+    # ~512 * 1e6 * 2 |err| / 32 >> 65504: step 5 overflows and is skipped, as the rule says
+
+
+def test_fp16_interrupted_and_resumed_equals_uninterrupted_scale_included(tmp_path):
+    loss_fn = lambda: regression(overflow_at={3})  # noqa: E731  (a fresh call counter per run)
+    full, w_full, c_full = run(tmp_path, loss_fn(), "fp16", 8, name="full.pt", loss_scale_growth_interval=2)
+    a = tmp_path / "paused"
+    a.mkdir()
+    run(a, loss_fn(), "fp16", 8, name="p.pt", loss_scale_growth_interval=2, stop_at=5)
+    # the resumed run's loss_fn restarts its call counter: the overflow sits at call 3 of the first part only
+    resumed, _, c_res = run(a, regression(), "fp16", 8, name="p.pt", resume=True, loss_scale_growth_interval=2)
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("img_per_s", "wall_s")} for r in rows]  # noqa: E731
+    assert strip(resumed) == strip(full)
+    assert c_res["scaler"] == c_full["scaler"]
+    assert all(torch.equal(c_res["model"][k], c_full["model"][k]) for k in c_full["model"])
+
+
+def test_fp16_ddpm_loss_of_the_tiny_unet_runs_in_float16_on_the_cpu(tmp_path):
+    # every op of the U-Net (convolutions, GroupNorm, SiLU, attention, the time embedding) has a float16
+    # CPU kernel in this torch: the forward is float16 and the loss and float32 gradients are finite
+    d = ddpm.diffusion_from_config(dict(schedule="cosine", T=100, learn_sigma=True, loss="hybrid", respacing=""))
+    x0 = plumbing.to_tensor(toy_circles.make_circles(16, "train")["images"])
+    torch.manual_seed(0)
+    net, dtypes = unet.build_unet("tiny"), []
+    net.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    s = fit.FitSettings(steps=3, batch=8, lr=1e-3, precision="fp16", log_every=1, ckpt_every=100)
+    _, _, log = fit.fit(net, fit.ddpm_loss(d, x0), s, str(tmp_path / "ddpm.pt"), CPU, dict(kind="test"), {})
+    assert dtypes and set(dtypes) == {torch.float16}
+    assert all(0 < row["loss"] < 10 and row["grad_norm"] > 0 for row in log) and log[-1]["skipped"] == 0
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in net.parameters())
+
+
+def test_bf16_fit_trains_on_the_cpu_without_a_scaler(tmp_path):
+    seen = []
+    log, weights, ckpt = run(tmp_path, regression(seen=seen), "bf16", 100, lr=0.1)
+    assert set(seen) == {torch.bfloat16}
+    losses = [row["loss"] for row in log]                       # every step taken: bf16 has float32's range
+    assert losses[-1] < 1e-3 * losses[0], (losses[0], losses[-1])
+    assert log[-1]["skipped"] == 0 and "loss_scale" not in log[0] and ckpt["scaler"] == {}   # no loss scaling
+    w = torch.cat([TARGET.flatten(), torch.tensor([0.25])])
+    assert (weights[-1] - w).abs().max() < 0.02
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_autocast_dtype_of_each_precision(precision):
+    with plumbing.autocast(precision, "cpu"):
+        y = torch.nn.Linear(2, 2)(torch.ones(1, 2))
+    assert y.dtype == {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]

@@ -20,12 +20,15 @@ Slant (image moments)
     x falling as y grows, so mu11 < 0 and slant > 0; slant = 1 is 45 degrees (tan of the angle from
     vertical). Shifting row r of any image by -t (y_r - c) pixels (a shear, any c) adds exactly t.
     It is invariant to translation and to the intensity scale (a ratio of moments), and undefined
-    (NaN here) for a blank image or ink on one row (mu02 = 0). This is the issue's convention: it
-    reproduces the quoted percentiles on the 8 x 8 originals (tests/test_digits.py).
-    Every pixel counts, the background too: a uniform grey haze b on a generated sample adds mass far
-    from the centroid to mu02 and pulls the slant towards 0, which lies inside the middle band. The
-    real digits have an exact 0 background, so check a sample set's background before trusting its
-    middle-band fraction.
+    (NaN here) for a blank image or ink on one row (mu02 = 0). A left-right flip negates it, so
+    these images must not be flip-augmented (filter_data.cnn_loss flips, right for faces only).
+    On the 8 x 8 originals its 10/30/50/70/90th percentiles are -0.201 / -0.105 / -0.038 / 0.025 /
+    0.112 (tests/test_digits.py).
+    Every pixel counts, the background too: a uniform grey haze adds mass far from the centroid to
+    mu02 and pulls the slant towards 0, which lies inside the middle band. Measured at 16 x 16: a
+    haze of 8 / 255 on the real digits raises their middle-band fraction from 0.400 to 0.440 (4 /
+    255: 0.421). The real digits have an exact 0 background; check a sample set's background before
+    trusting its middle-band fraction.
 
 Size and upsampling: 16 x 16, bilinear (IMAGE_SIZE; --image-size 32 also works, any multiple of 8)
     * 16: the data hold 8 x 8 of information. The CPU U-Net preset (unet.py "cpu") packs 2 x 2 pixels
@@ -42,9 +45,10 @@ Size and upsampling: 16 x 16, bilinear (IMAGE_SIZE; --image-size 32 also works, 
     resolution of the generated samples they are compared with.
 
 Labels and the middle band
-    label = 1{slant > median} (1 = leans right), on all 1,797 digits: 898 / 899. The middle band is
-    the 30th to 70th percentile of the real data's slant (MIDDLE_PERCENTILES), the mild slants that
-    filtering removes and interpolation should bring back; band_fraction measures it on any images.
+    label = 1{slant > median} (1 = leans right): 899 class 0 and 898 class 1 of the 1,797 digits.
+    The middle band is the 30th to 70th percentile of the real data's slant (MIDDLE_PERCENTILES),
+    the mild slants that filtering removes and interpolation should bring back; band_fraction
+    measures it on any images.
 
 Images follow the project's convention (toy_circles.make_circles): uint8 (N, S, S, 3), the grey
 value 255 * v / 16 repeated over the three channels: white ink on black.

@@ -50,7 +50,7 @@ Labels and the middle band
     the mild slants that filtering removes and interpolation should bring back; band_fraction
     measures it on any images.
 
-Images follow the project's convention (toy_circles.make_circles): uint8 (N, S, S, 3), the grey
+Images follow the project's convention (as toy_circles.make_circles): uint8 (N, S, S, 3), the grey
 value 255 * v / 16 repeated over the three channels: white ink on black.
 
 Run:  python digits.py --out out/digits --image-size 16
@@ -62,8 +62,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import ddpm
-import toy_circles
+import plumbing
 
 NATIVE_SIZE = 8                 # load_digits: 8 x 8 images
 NATIVE_MAX = 16                 # ... with integer values 0..16
@@ -96,7 +95,7 @@ def grey(images):
     """Images as float64 (N, H, W): grey (N, H, W) as they are, RGB (N, H, W, 3) averaged over channels.
 
     uint8 or float; intensities must be >= 0 (ink positive, background 0): [-1, 1] model outputs
-    are refused, convert them with toy_circles.to_uint8 first.
+    are refused, convert them with plumbing.to_uint8 first.
     """
     x = np.asarray(images)
     if x.ndim == 4 and x.shape[3] == 3:
@@ -106,7 +105,7 @@ def grey(images):
     x = x.astype(np.float64, copy=False)
     if not np.isfinite(x).all() or x.min() < 0:
         raise ValueError(f"slant needs finite intensities >= 0 (background 0), got min {x.min():g}; "
-                         f"convert [-1, 1] images with toy_circles.to_uint8")
+                         f"convert [-1, 1] images with plumbing.to_uint8")
     return x
 
 
@@ -234,7 +233,7 @@ def plot_slant(data, path):
     bx.set_ylabel("slant")
     bx.set_title("slant depends on the class (entangled)")
     fig.tight_layout()
-    toy_circles.save_figure(fig, path)
+    plumbing.save_figure(fig, path)
 
 
 def _image_size_arg(text):
@@ -246,21 +245,21 @@ def _image_size_arg(text):
 
 
 def main(argv=None):
-    parser = ddpm.OneLineParser(description="Write the digits data set's slant grid, histogram and percentiles.")
+    parser = plumbing.OneLineParser(description="Write the digits data set's slant grid, histogram and percentiles.")
     parser.add_argument("--out", required=True, help="output folder (created)")
     parser.add_argument("--image-size", type=_image_size_arg, default=IMAGE_SIZE,
                         help="image side after bilinear upsampling, a multiple of 8 (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="picks the digits shown in the grid (default: %(default)s)")
     args = parser.parse_args(argv)
-
+    plumbing.check_out_folder(args.out)
     data = load_digits(args.image_size)
     info = summary(data)
     s = args.image_size
     paths = [os.path.join(args.out, f"digits_{kind}_{s}.{ext}") for kind, ext in
              (("grid", "png"), ("slant_hist", "png"), ("slant", "json"))]
-    toy_circles.save_grid(decile_grid(data, seed=args.seed), paths[0], nrow=12, scale=max(1, 64 // s))
+    plumbing.save_grid(decile_grid(data, seed=args.seed), paths[0], nrow=12, scale=max(1, 64 // s))
     plot_slant(data, paths[1])
-    toy_circles.write_json(info, paths[2])
+    plumbing.write_json(info, paths[2])
     fmt = lambda p: " / ".join(f"{v:.4f}" for v in p.values())
     print(f"{info['n']} digits at {s}x{s}, labels 0/1 = {info['labels'][0]}/{info['labels'][1]} (slant > {info['median']:.4f})")
     print(f"slant percentiles {'/'.join(map(str, PERCENTILES))}: {fmt(info['percentiles'])} "
@@ -274,4 +273,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    plumbing.guard(main)

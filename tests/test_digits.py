@@ -6,7 +6,7 @@ import pytest
 
 import digits
 
-# The issue's 10/30/50/70/90th percentiles of -mu11/mu02 over all 1,797 digits on the 8x8 originals.
+# The 10/30/50/70/90th percentiles of -mu11/mu02 over all 1,797 digits on the 8x8 originals.
 ISSUE_PERCENTILES = (-0.201, -0.105, -0.038, 0.025, 0.112)
 
 
@@ -135,7 +135,7 @@ def test_loader_shapes_labels_and_percentiles(size, expected, band):
     # nearly invariant to the upsampling: against the 8x8 originals
     assert np.corrcoef(data["slant_native"], data["slant"])[0, 1] > 0.9999
     assert np.abs(data["slant"] - data["slant_native"]).max() < 0.015
-    # the entanglement the issue names: 6s lean left, 7s right
+    # the entanglement: 6s lean left, 7s right
     med = lambda d: np.median(data["slant"][data["digits"] == d])
     assert med(6) < -0.15 and med(7) > 0.1
 

@@ -47,8 +47,8 @@ CPU_PRESET = dict(image_size=64, steps=500, batch=16, log_every=25, ckpt_every=1
 # variance, 3 res blocks, attention at 32, 16, 8; classifier 150k steps at lr 3e-4), 10k samples with 250
 # respaced steps (Sec. 5.1, App. C), the 60k subset (Sec. 5.1). Batch 64 and fp16 are the circles'
 # released config (App. C gives no batch size); filter_data.py gets its own --paper.
-PAPER_PRESET = dict(image_size=64, unet="paper", T=4000, steps=250000, batch=64, lr=1e-4, warmup=0,
-                    ema=0.9999, precision="fp16", sample_respacing="250", ckpt_every=5000,
+PAPER_PRESET = dict(image_size=64, unet="paper", T=4000, steps=250000, batch=64, lr=1e-4, warmup=0, grad_clip=0.0,
+                    ema=0.9999, ema_warmup=False, precision="fp16", sample_respacing="250", ckpt_every=5000,
                     grid_every=25000, log_every=500, n_samples=10000, sample_batch=250, clf="paper",
                     clf_steps=150000, clf_lr=3e-4, runs=1, regressor_steps=0, subset="60k",
                     filter_args="--paper")

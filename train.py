@@ -31,6 +31,7 @@ seeded with (seed, stream, rank, k) (fit.step_generator), so a resumed run conti
 import argparse
 import contextlib
 import dataclasses
+import json
 import os
 import shlex
 import sys
@@ -91,7 +92,9 @@ class Config:
     lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
     warmup: int = field(default=100, metadata={"help": "linear learning-rate warm-up steps"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    ema: float = field(default=0.999, metadata={"help": "EMA decay (with warm-up: min(ema, (1+k)/(10+k)))"})
+    ema: float = field(default=0.999, metadata={"help": "EMA decay"})
+    ema_warmup: bool = field(default=True, metadata={"help": "EMA decay min(ema, (1+k)/(10+k)) at step k; off: the "
+                                                      "plain decay from step 0 (the released configuration)"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0 = off)"})
     precision: str = field(default="fp32", metadata={"help": "fp16 needs CUDA", "choices": ["fp32", "fp16", "bf16"]})
     log_every: int = field(default=50, metadata={"help": "steps between rows of train_log.csv"})
@@ -166,10 +169,11 @@ PRESETS = {"circles": {},  # the dataclass defaults are the circles CPU preset
            **real_images.PRESETS}
 PAPER_PRESETS = {
     # Section 5.5 with the authors' released circles config: 64x64, 128 channels, mult 1,2,3,4, 3 res
-    # blocks, attention at 16 and 8, T = 4000 cosine respaced to 250 steps for training, L_hybrid,
-    # AdamW 1e-4, batch 64, fp16, 30k steps, EMA 0.9999; 64 sampling steps.
-    "circles": dict(image_size=64, unet="paper", attention="16,8", T=4000, train_respacing="250",
-                    steps=30000, batch=64, lr=1e-4, warmup=0, ema=0.9999, precision="fp16",
+    # blocks, attention at 16 and 8, T = 4000 cosine trained on the full chain, L_hybrid, AdamW 1e-4,
+    # batch 64, fp16 with loss scaling, 30k steps, a plain EMA of 0.9999, no gradient clipping; sampling
+    # respaced to 64 steps.
+    "circles": dict(image_size=64, unet="paper", attention="16,8", T=4000, train_respacing="", grad_clip=0.0,
+                    ema_warmup=False, steps=30000, batch=64, lr=1e-4, warmup=0, ema=0.9999, precision="fp16",
                     sample_respacing="64", ckpt_every=2000, grid_every=5000, log_every=200,
                     n_samples=1000, sample_batch=250, clf="paper", clf_steps=3000, clf_lr=3e-4, runs=10),
     **real_images.PAPER_PRESETS}
@@ -187,6 +191,8 @@ def parse_config(argv=None):
     parser.formatter_class = argparse.RawDescriptionHelpFormatter  # defaults are written into each help
     parser.add_argument("--paper", action="store_true", help="the paper's configuration (for GPUs)")
     parser.add_argument("--quick", action="store_true", help="a first complete result in minutes on a CPU (rougher)")
+    parser.add_argument("--print-config", action="store_true", help="print the fully resolved configuration as JSON "
+                        "(networks and optimisers included) and exit")
     presets = {**PRESETS, **{f"--paper {d}": p for d, p in PAPER_PRESETS.items()},
                **{f"--quick {d}": p for d, p in QUICK_PRESETS.items()}}
     plumbing.add_dataclass_flags(parser, Config, presets, groups={"--paper": [f"--paper {d}" for d in PAPER_PRESETS],
@@ -197,11 +203,27 @@ def parse_config(argv=None):
         parser.error("--paper is the paper's configuration and --quick a rough CPU one: pass one of them")
     data = args.data or "circles"
     values = {**PRESETS[data], **(PAPER_PRESETS[data] if args.paper else QUICK_PRESETS[data] if args.quick else {})}
-    values.update({k: v for k, v in vars(args).items() if v is not None and k not in ("paper", "quick")})
+    values.update({k: v for k, v in vars(args).items() if v is not None and k not in ("paper", "quick", "print_config")})
     cfg = Config(**values)
     cfg.out = cfg.out or os.path.join("runs", data + ("_paper" if args.paper else "_quick" if args.quick else ""))
+    if args.print_config:
+        print(json.dumps(resolved_config(cfg), indent=2))
+        raise SystemExit(0)
     check_config(cfg, parser)
     return cfg
+
+
+def resolved_config(cfg):
+    """Every number of a run, resolved: the Config, the denoiser's and the classifier's constructor
+    arguments, and the optimisation settings of each network (fit.FitSettings)."""
+    model_cfg = (dit.PRESETS[cfg.dit] if cfg.backbone == "dit" else
+                 {**unet.PRESETS[cfg.unet], "image_size": cfg.image_size, "learn_sigma": cfg.learn_sigma,
+                  **({"attention_resolutions": tuple(int(r) for r in cfg.attention.split(","))} if cfg.attention else {})})
+    clf_cfg = {**classifier.PRESETS[cfg.clf], "image_size": cfg.image_size, "num_classes": DATA[cfg.data]["classes"]}
+    clf_fit = fit_settings(cfg, steps=cfg.clf_steps, batch=cfg.clf_batch, lr=cfg.clf_lr, warmup=0, ema=0.0, stream=1)
+    return dict(config=dataclasses.asdict(cfg), denoiser=json.loads(json.dumps(model_cfg)),
+                classifier=json.loads(json.dumps(clf_cfg)), ddpm_fit=dataclasses.asdict(fit_settings(cfg)),
+                classifier_fit=dataclasses.asdict(clf_fit))
 
 
 def identity(cfg):
@@ -302,7 +324,7 @@ def build_ddpm(cfg, **unet_overrides):
 def fit_settings(cfg, **changes):
     """The DDPM's optimisation numbers of a config; keywords change them (for the other networks)."""
     s = fit.FitSettings(steps=cfg.steps, batch=cfg.batch, lr=cfg.lr, warmup=cfg.warmup, weight_decay=cfg.weight_decay,
-                        ema=cfg.ema, grad_clip=cfg.grad_clip, precision=cfg.precision, seed=cfg.seed,
+                        ema=cfg.ema, ema_warmup=cfg.ema_warmup, grad_clip=cfg.grad_clip, precision=cfg.precision, seed=cfg.seed,
                         log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, stop_at=cfg.stop_at)
     return dataclasses.replace(s, **changes)
 

@@ -152,6 +152,41 @@ def centre_square_stats(cx, cy, n_circles, size, band=MIDDLE_BAND):
     return dict(zy=zy, in_centre=in_centre, centre_fraction=float(in_centre.mean()) if len(in_centre) else float("nan"))
 
 
+BAD_KINDS = ("no circle", "two or more circles", "blob (over 2x a disc's area)", "small (under half a disc)",
+             "cut at the edge")
+
+
+def bad_kinds(images, threshold=127):
+    """Why samples go wrong: counts of each kind in BAD_KINDS over a uint8 (N, S, S, 3) batch, plus "good".
+
+    A drawn disc of the data set has a known pixel area A (5 at 32 x 32, 13 at 64 x 64). The first two
+    kinds are the paper's bad samples (0 or >= 2 blobs); the other three are single blobs that the
+    accuracy still counts but that are not clean discs: area > 2 A (a smear or two discs merged), area
+    < A / 2 (a faint speck), or a centre within the disc's radius of the image border.
+    """
+    size = images.shape[1]
+    r = default_radius(size)
+    disc = int((draw_disc(size, size // 2, size // 2, r)[:, :, 0] > 0).sum())
+    counts = dict.fromkeys(BAD_KINDS + ("good",), 0)
+    for image in images:
+        found = detect_circles(image, threshold, min_area=1)
+        big = [f for f in found if f[2] >= default_min_area(size)]
+        if not big:
+            kind = BAD_KINDS[0]
+        elif len(big) > 1:
+            kind = BAD_KINDS[1]
+        elif big[0][2] > 2 * disc:
+            kind = BAD_KINDS[2]
+        elif big[0][2] < disc / 2:
+            kind = BAD_KINDS[3]
+        elif min(big[0][0], big[0][1], size - 1 - big[0][0], size - 1 - big[0][1]) < r:
+            kind = BAD_KINDS[4]
+        else:
+            kind = "good"
+        counts[kind] += 1
+    return counts
+
+
 def write_circles_csv(stats, path):
     """One row per sample: index, n_circles, cx, cy, z, in_middle (0/1); NaN written as 'nan'."""
     lines = ["index,n_circles,cx,cy,z,in_middle"]

@@ -597,7 +597,7 @@ def run_twist(cfg, rt, clock):
     n = cfg.twist_n
     pool = toy_circles.make_discs(2 * n, cfg.size, cfg.radius, "train", seed=cfg.seed + SEEDS["twist"])
     halves = split_pool(2 * n, n, cfg.seed + SEEDS["twist"])
-    lambdas = train.parse_floats(cfg.lambdas)
+    lambdas = plumbing.float_list(cfg.lambdas)
     guided, unguided = {}, {}
     for (name, init_seed), idx in zip((("A", cfg.seed), ("B", cfg.seed + 1)), halves):
         data = subset(pool, idx)

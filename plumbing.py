@@ -507,6 +507,17 @@ def progress(iterable, desc, total=None, enabled=True, unit="step"):
         bar.close()
 
 
+def forward_flops(model, image_size, channels=3):
+    """Floating-point operations (2 per multiply-add) of one forward pass on one image at t = 0, counted
+    by torch's FlopCounterMode (convolutions and matrix products; the element-wise rest is small)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    device = next(model.parameters()).device
+    x, t = torch.zeros(1, channels, image_size, image_size, device=device), torch.zeros(1, dtype=torch.long, device=device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x, t)
+    return int(counter.get_total_flops())
+
+
 @contextlib.contextmanager
 def timed(timings, name):
     """Add the wall time of the block to timings[name] (seconds)."""

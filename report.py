@@ -45,21 +45,65 @@ def _pct(x, digits=1):
     return f"{100 * x:.{digits}f}%"
 
 
+def profile(r):
+    """Each stage's wall time, the images it processed (a training image counts once per step it is in
+    the batch; a sampled image once per sampling step) and an estimate of its floating-point work:
+    forward FLOPs per image (r["flops_per_image"], counted once per run) x images, x 3 for training
+    (forward + backward) and for a guidance gradient (the classifier's forward + backward to x_t)."""
+    c, t, f = r["config"], r.get("timings_s", {}), r.get("flops_per_image") or {}
+    fd, fc = f.get("denoiser", 0), f.get("classifier", 0)
+    chain = r.get("chain_steps", 0)
+    guided_sets = c["runs"] * (1 + len(r.get("lambda_sweep") or []))
+    work = {"ddpm_training_s": (c["steps"] * c["batch"], 3 * fd),
+            "classifier_training_s": (c["runs"] * c["clf_steps"] * c["clf_batch"], 3 * fc),
+            "regressor_training_s": (c["regressor_steps"] * c["clf_batch"], 3 * fc),
+            "unguided_sampling_s": (c["n_samples"] * chain, fd),
+            "guided_sampling_s": (c["runs"] * c["n_samples"] * chain, fd + 3 * fc),
+            "sweep_sampling_s": (len(r.get("lambda_sweep") or []) * c["n_samples"] * chain, fd + 3 * fc)}
+    rows = {}
+    for stage, seconds in t.items():
+        images, per = work.get(stage, (0, 0))
+        rows[stage] = dict(wall_s=seconds, images=images, img_per_s=images / seconds if images and seconds else None,
+                           gflop=images * per / 1e9 if per else None,
+                           gflop_per_s=images * per / 1e9 / seconds if per and images and seconds else None)
+    g, u = t.get("guided_sampling_s"), t.get("unguided_sampling_s")
+    ratio = g / c["runs"] / u if g and u else None   # the same samples and steps: a guided step's cost
+    return dict(stages=rows, guided_step_over_unguided=ratio, guided_sets=guided_sets)
+
+
 def profile_table(r):
-    """report.md lines: where the run's wall time went, stage by stage."""
-    t = r.get("timings_s", {})
-    stages = [(k, v) for k, v in t.items() if k != "total_s"]
-    if not stages:
+    """report.md lines: where the run's wall time went, stage by stage, with images/s and GFLOP/s."""
+    p = r.get("profile")
+    if not p:
         return []
-    total = t.get("total_s") or sum(v for _, v in stages)
-    lines = ["", "## Where the time went", "", "| stage | wall time | share |", "|---|---|---|"]
-    lines += [f"| {k.removesuffix('_s').replace('_', ' ')} | {v:.1f} s | {_pct(v / max(total, 1e-9))} |" for k, v in stages]
-    return lines + [f"| total | {total:.1f} s ({total / 60:.1f} min) | |"]
+    total = r["timings_s"].get("total_s", 0.0)
+    lines = ["", "## Where the time went", "", "| stage | wall time | share | images/s | GFLOP | GFLOP/s |",
+             "|---|---|---|---|---|---|"]
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    for stage, s in p["stages"].items():
+        if stage != "total_s":
+            lines.append(f"| {stage.removesuffix('_s').replace('_', ' ')} | {s['wall_s']:.1f} s | "
+                         f"{_pct(s['wall_s'] / max(total, 1e-9))} | {fmt(s['img_per_s'], '.0f')} | "
+                         f"{fmt(s['gflop'], '.0f')} | {fmt(s['gflop_per_s'], '.1f')} |")
+    lines.append(f"| total | {total:.1f} s ({total / 60:.1f} min) | | | | |")
+    if p.get("guided_step_over_unguided"):
+        lines += ["", f"A guided sampling step costs {p['guided_step_over_unguided']:.2f}x an unguided one (the same "
+                      "samples and steps; the guidance gradient adds a classifier forward and backward)."]
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------
 # Circles and corners (Sec. 5.5, App. F)
 # ----------------------------------------------------------------------------------------------
+
+def circles_headline(r):
+    """The one line a circles/corners run ends with: accuracy, bad and unguided fractions, time."""
+    acc, bad = r["accuracy"], r["bad_fraction"]
+    centre = f"centre square {100 * r['centre_fraction'][0]:.1f}%, " if r["data"] == "corners" else ""
+    return (f"HEADLINE accuracy {100 * acc[0]:.1f}% +- {100 * acc[1]:.1f}% of samples in the unseen middle "
+            f"(paper: 78% +- 8.7%), bad {100 * bad[0]:.1f}%, {centre}unconditional "
+            f"{100 * r['unconditional']['accuracy']:.1f}%, {r['timings_s']['total_s'] / 60:.1f} min")
+
 
 def circles_figures(out, r):
     """The plots of a circles/corners run, from the arrays kept in results.json."""
@@ -115,7 +159,7 @@ def circles_report(r):
         *circles_table(r), "",
         f"Per run: {per_run}. Classifier heatmap: mean p(right) over the middle band "
         f"{r['heatmap']['middle_mean_p']:.2f}, transition width {r['heatmap']['transition_width']} columns.",
-        *sweep_table(r), *regressor_table(r), *memorization_table(r.get("memorization"), circles=True),
+        *sweep_table(r), *bad_kinds_table(r), *regressor_table(r), *memorization_table(r.get("memorization"), circles=True),
         *profile_table(r), "", "## Figures", "",
         f"Training data (centres only in the outer {'bands' if r['data'] == 'circles' else 'corner squares'}): "
         "![training data](figures/training_data.png)", "",
@@ -128,6 +172,18 @@ def circles_report(r):
         "Training losses: ![DDPM](logs/ddpm/loss.png) ![classifier](logs/classifier0/loss.png)", "",
     ]
     return "\n".join(lines)
+
+
+def bad_kinds_table(r):
+    """report.md lines: why samples go wrong (evaluate.bad_kinds), guided run 0 against the unguided samples."""
+    k = r.get("bad_kinds")
+    if not k:
+        return []
+    names = list(k["guided_run0"])
+    lines = ["", "## Why samples go wrong", "", "Two kinds are the paper's bad samples (0 or >= 2 circles); the "
+             "other single-blob kinds still count for the accuracy but are not clean discs.", "",
+             "| kind | multi-guided (run 0) | unguided |", "|---|---|---|"]
+    return lines + [f"| {n} | {k['guided_run0'][n]} | {k['unconditional'][n]} |" for n in names]
 
 
 def sweep_table(r):

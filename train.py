@@ -13,20 +13,16 @@ both classes at once (Eq. 2), generates the unseen middle. This file runs that c
     6. evaluate   evaluate.py: circle detector (Sec. 5.5) or the judge's histograms (App. B), memorization
     7. report     results.json, then report.py renders report.md and its figures
 
-Run it
-    python train.py --data circles                      # CPU preset, writes runs/circles/ (about 11 min)
+Run it (every option: python train.py --help; several processes or GPUs: torchrun --nproc_per_node N train.py)
+    python train.py --data circles                      # CPU preset, writes runs/circles/
     python train.py --data circles --paper              # the paper's configuration (GPU)
-    python train.py --data circles --cfg --out runs/cfg # classifier-free vs classifier, lambda 0..30 (App. J)
-    python train.py --data corners                      # two variables (App. F), writes runs/corners/
+    python train.py --data circles --cfg --out runs/cfg # classifier-free vs classifier guidance (App. J)
+    python train.py --data corners                      # two variables (App. F)
     python train.py --data folder --root DIR            # your own two classes of images (real_images.py)
-    python train.py --data celeba --attr Smiling --root R   # faces, Sec. 5.1-5.3
-    torchrun --nproc_per_node 2 train.py --data circles # several processes / GPUs (DDP)
-    python train.py --help                              # every option, with its default
 
-Threads: one process uses min(8, cores) threads (cores / processes under torchrun). If another busy
-process shares the CPU, `export OMP_WAIT_POLICY=PASSIVE` first: spinning OpenMP threads were 12x
-slower that way. Reproducibility: every random draw of training step k comes from a generator
-seeded with (seed, stream, rank, k) (fit.step_generator), so a resumed run continues bit for bit.
+Threads: min(8, cores) per process (cores / processes under torchrun); on a CPU shared with another
+busy process, `export OMP_WAIT_POLICY=PASSIVE` first. Every random draw of training step k comes from
+a generator seeded with (seed, stream, rank, k) (fit.step_generator): a resumed run continues bit for bit.
 """
 import argparse
 import contextlib
@@ -91,6 +87,8 @@ class Config:
     batch: int = field(default=64, metadata={"help": "global batch size"})
     lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
     warmup: int = field(default=100, metadata={"help": "linear learning-rate warm-up steps"})
+    lr_schedule: str = field(default="constant", metadata={"help": "after the warm-up: constant (improved DDPM) or a "
+                                                           "cosine decay to 0 at --steps", "choices": ["constant", "cosine"]})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     ema: float = field(default=0.999, metadata={"help": "EMA decay"})
     ema_warmup: bool = field(default=True, metadata={"help": "EMA decay min(ema, (1+k)/(10+k)) at step k; off: the "
@@ -220,7 +218,8 @@ def resolved_config(cfg):
                  {**unet.PRESETS[cfg.unet], "image_size": cfg.image_size, "learn_sigma": cfg.learn_sigma,
                   **({"attention_resolutions": tuple(int(r) for r in cfg.attention.split(","))} if cfg.attention else {})})
     clf_cfg = {**classifier.PRESETS[cfg.clf], "image_size": cfg.image_size, "num_classes": DATA[cfg.data]["classes"]}
-    clf_fit = fit_settings(cfg, steps=cfg.clf_steps, batch=cfg.clf_batch, lr=cfg.clf_lr, warmup=0, ema=0.0, stream=1)
+    clf_fit = fit_settings(cfg, steps=cfg.clf_steps, batch=cfg.clf_batch, lr=cfg.clf_lr, warmup=0, ema=0.0, stream=1,
+                           schedule="constant")
     return dict(config=dataclasses.asdict(cfg), denoiser=json.loads(json.dumps(model_cfg)),
                 classifier=json.loads(json.dumps(clf_cfg)), ddpm_fit=dataclasses.asdict(fit_settings(cfg)),
                 classifier_fit=dataclasses.asdict(clf_fit))
@@ -238,27 +237,16 @@ def identity_diff(old, new):
     return sorted(k for k in new if old.get(k, defaults.get(k)) != new[k])
 
 
-def parse_floats(text):
-    """'30,30' -> [30.0, 30.0]; '' -> []."""
-    return [float(v) for v in text.split(",")] if text.strip() else []
-
-
 def check_config(cfg, parser):
     """Refuse numbers that cannot work, naming the flag."""
-    for name in ("steps", "batch", "T", "image_size", "log_every", "ckpt_every", "n_samples", "sample_batch",
-                 "clf_steps", "clf_batch", "runs"):
-        if getattr(cfg, name) <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    for name in ("regressor_steps", "grid_every", "stop_at", "warmup", "weight_decay", "grad_clip", "threads",
-                 "heatmap_t"):
-        if getattr(cfg, name) < 0:
-            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
-    if not 0.0 <= cfg.label_dropout < 1.0:
-        parser.error(f"--label-dropout must be in [0, 1), got {cfg.label_dropout}")
-    if not 0.0 <= cfg.ema < 1.0:
-        parser.error(f"--ema must be in [0, 1), got {cfg.ema}")
-    if cfg.lr <= 0 or cfg.clf_lr <= 0:
-        parser.error(f"--lr and --clf-lr must be positive, got {cfg.lr} and {cfg.clf_lr}")
+    ranges = {**dict.fromkeys(("steps", "batch", "T", "image_size", "log_every", "ckpt_every", "n_samples",
+                               "sample_batch", "clf_steps", "clf_batch", "runs", "lr", "clf_lr"), ("> 0", lambda v: v > 0)),
+              **dict.fromkeys(("regressor_steps", "grid_every", "stop_at", "warmup", "weight_decay", "grad_clip",
+                               "threads", "heatmap_t"), (">= 0", lambda v: v >= 0)),
+              **dict.fromkeys(("ema", "label_dropout"), ("in [0, 1)", lambda v: 0 <= v < 1))}
+    for name, (wanted, ok) in ranges.items():
+        if not ok(getattr(cfg, name)):
+            parser.error(f"--{name.replace('_', '-')} must be {wanted}, got {getattr(cfg, name)}")
     if cfg.heatmap_t >= cfg.T:
         parser.error(f"--heatmap-t must be a chain step below --T {cfg.T}, got {cfg.heatmap_t}")
     for name in ("train_respacing", "sample_respacing"):
@@ -323,7 +311,8 @@ def build_ddpm(cfg, **unet_overrides):
 
 def fit_settings(cfg, **changes):
     """The DDPM's optimisation numbers of a config; keywords change them (for the other networks)."""
-    s = fit.FitSettings(steps=cfg.steps, batch=cfg.batch, lr=cfg.lr, warmup=cfg.warmup, weight_decay=cfg.weight_decay,
+    s = fit.FitSettings(steps=cfg.steps, batch=cfg.batch, lr=cfg.lr, warmup=cfg.warmup, schedule=cfg.lr_schedule,
+                        weight_decay=cfg.weight_decay,
                         ema=cfg.ema, ema_warmup=cfg.ema_warmup, grad_clip=cfg.grad_clip, precision=cfg.precision, seed=cfg.seed,
                         log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, stop_at=cfg.stop_at)
     return dataclasses.replace(s, **changes)
@@ -371,7 +360,7 @@ def train_classifier(cfg, rt, data, run_index):
     x0 = plumbing.to_tensor(data["images"]).to(rt.device)
     labels = torch.as_tensor(data["labels"]).to(rt.device)
     s = fit_settings(cfg, steps=cfg.clf_steps, batch=cfg.clf_batch, lr=cfg.clf_lr, warmup=0, ema=0.0,
-                     seed=seed, stream=1, ckpt_every=max(cfg.clf_steps, 1), stop_at=0)
+                     schedule="constant", seed=seed, stream=1, ckpt_every=max(cfg.clf_steps, 1), stop_at=0)
     loss_fn = fit.classifier_loss(diffusion, x0, labels, DATA[cfg.data]["flip_swaps_label"])
     model, _, log = fit.fit(model, loss_fn, s, os.path.join(cfg.out, f"classifier{run_index}.pt"), rt,
                             dict(kind="classifier", model_config=model.config, diffusion=d), identity(cfg),
@@ -391,7 +380,7 @@ def train_regressor(cfg, rt, data):
     x0 = plumbing.to_tensor(data["images"]).to(rt.device)
     targets = torch.as_tensor(toy_circles.normalized_x(data["centres"], cfg.image_size), dtype=torch.float32)
     meta = dict(kind="regressor", model_config=model.config, targets=["z_x", "z_y"])
-    s = fit_settings(cfg, steps=cfg.regressor_steps, batch=cfg.clf_batch, lr=cfg.clf_lr, warmup=0, ema=0.0,
+    s = fit_settings(cfg, steps=cfg.regressor_steps, batch=cfg.clf_batch, lr=cfg.clf_lr, warmup=0, ema=0.0, schedule="constant",
                      seed=cfg.seed, stream=2, ckpt_every=max(cfg.regressor_steps, 1), stop_at=0)
     model, _, log = fit.fit(model, fit.regressor_loss(x0, targets.to(rt.device)), s,
                             os.path.join(cfg.out, "regressor.pt"), rt, meta, identity(cfg), resume=cfg.resume,
@@ -471,7 +460,7 @@ def guidance_sweep(cfg, rt, model, d, ddpm_step, clf):
     the same DDPM under "free" (a free run without --lambda-sweep sweeps CFG_SWEEP). In a free run the
     classifier guides the null-label model, the DDPM's unconditional half: both columns share one network."""
     rows, classes = [], DATA[cfg.data]["classes"]
-    for lam in parse_floats(cfg.lambda_sweep or (CFG_SWEEP if cfg.guidance == "free" else "")):
+    for lam in plumbing.float_list(cfg.lambda_sweep or (CFG_SWEEP if cfg.guidance == "free" else "")):
         stats = circle_samples(cfg, rt, model, d, f"sweep_lambda{lam:g}", ddpm_step, clf, (lam,) * classes)
         rows.append(dict(lam=lam, **sample_summary(stats)))
         line = f"lambda {lam:g}: accuracy {stats['accuracy']:.3f}, bad {stats['bad_fraction']:.3f}"
@@ -517,7 +506,7 @@ def run_circles(cfg, rt):
     runs = []
     with plumbing.timed(timings, "guided_sampling_s"):
         for r, clf in enumerate(clfs):
-            runs.append(circle_samples(cfg, rt, ema, d, f"guided_run{r}", ddpm_step, clf, parse_floats(cfg.lambdas)))
+            runs.append(circle_samples(cfg, rt, ema, d, f"guided_run{r}", ddpm_step, clf, plumbing.float_list(cfg.lambdas)))
             centre = f", centre square {runs[-1]['centre_fraction']:.3f}" if cfg.data == "corners" else ""
             print(f"run {r}: accuracy {runs[-1]['accuracy']:.3f}, bad {runs[-1]['bad_fraction']:.3f}{centre}")
     with plumbing.timed(timings, "sweep_sampling_s"):
@@ -545,6 +534,8 @@ def circles_results(cfg, data, ema, d, clfs, regressor, uncond, runs, sweep):
     print(f"memorization (App. H), guided run 0: near-copies {memo['near_copy_fraction']:.1%}, centre on a "
           f"training centre {memo['on_training_centre_fraction']:.1%} (middle band: "
           f"{memo['middle_on_training_centre']} of {memo['n_middle']})")
+    kinds = {name: evaluate.bad_kinds(np.load(os.path.join(cfg.out, "samples", f"{name}.npz"))["images"])
+             for name in ("guided_run0", "unconditional")}
     figures = dict(centre_z=[float(z) for s, o in zip(runs, one) for z in np.asarray(s["z"])[o]],
                    centre_cx=[float(v) for s in runs for v in s["cx"]], centre_cy=[float(v) for s in runs for v in s["cy"]],
                    heatmap=dict(xs=xs.tolist(), ys=ys.tolist(), p=p.tolist()))
@@ -552,17 +543,16 @@ def circles_results(cfg, data, ema, d, clfs, regressor, uncond, runs, sweep):
                 accuracy=mean_std([s["accuracy"] for s in runs]), bad_fraction=mean_std([s["bad_fraction"] for s in runs]),
                 centre_fraction=mean_std([s["centre_fraction"] for s in runs]),
                 per_run=[sample_summary(s) for s in runs], unconditional=sample_summary(uncond), regressor=regression,
-                lambdas=parse_floats(cfg.lambdas), lambda_sweep=sweep,
+                lambdas=plumbing.float_list(cfg.lambdas), lambda_sweep=sweep,
                 heatmap=dict(middle_mean_p=heat["middle_mean_p"], transition_width=heat["transition_width"]),
-                figures=figures, paper=report.PAPER_CIRCLES)
+                figures=figures, paper=report.PAPER_CIRCLES, bad_kinds=kinds, flops_per_image=network_flops(cfg, ema, clfs[0]))
 
 
-def circles_headline(r):
-    acc, bad = r["accuracy"], r["bad_fraction"]
-    centre = f"centre square {100 * r['centre_fraction'][0]:.1f}%, " if r["data"] == "corners" else ""
-    return (f"HEADLINE accuracy {100 * acc[0]:.1f}% +- {100 * acc[1]:.1f}% of samples in the unseen middle "
-            f"(paper: 78% +- 8.7%), bad {100 * bad[0]:.1f}%, {centre}unconditional "
-            f"{100 * r['unconditional']['accuracy']:.1f}%, {r['timings_s']['total_s'] / 60:.1f} min")
+def network_flops(cfg, denoiser, clf):
+    """Forward FLOPs per image of the denoiser and the guidance classifier (for the run's profile)."""
+    channels = denoiser.config.get("in_channels", 3)
+    return dict(denoiser=plumbing.forward_flops(denoiser, cfg.image_size, channels),
+                classifier=plumbing.forward_flops(clf, cfg.image_size, channels))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -590,9 +580,10 @@ def run_real_images(cfg, rt):
     timings["total_s"] = time.time() - t_start
     return dict(data=cfg.data, attr=real_images.attribute_name(cfg, data["class_names"]), subset=cfg.subset,
                 class_names=data["class_names"], memorization=memo, training_per_class=per_class, rows=rows,
-                lambdas=parse_floats(cfg.lambdas), filter_out=fout, evaluation_classifier=real_images.judge_summary(fout),
+                lambdas=plumbing.float_list(cfg.lambdas), filter_out=fout, evaluation_classifier=real_images.judge_summary(fout),
                 filter=real_images.filter_summary(fout),
-                timings_s=timings, paper={k: {s: list(v) for s, v in t.items()} for k, t in real_images.PAPER_FACES.items()})
+                timings_s=timings, paper={k: {s: list(v) for s, v in t.items()} for k, t in real_images.PAPER_FACES.items()},
+                flops_per_image=network_flops(cfg, ema, clfs[0]))
 
 
 def real_images_rows(cfg, rt, ema, d, ddpm_step, clfs, data, fout):
@@ -601,7 +592,7 @@ def real_images_rows(cfg, rt, ema, d, ddpm_step, clfs, data, fout):
     def scores(images):
         return evaluate.classifier_scores(images, real_images.judge_path(fout), rt.device)
 
-    rows, lambdas = [], parse_floats(cfg.lambdas)
+    rows, lambdas = [], plumbing.float_list(cfg.lambdas)
     for r, clf in enumerate(clfs):
         images = draw_samples(cfg, rt, ema, d, f"guided_run{r}", ddpm_step, clf, lambdas)
         rows.append(real_images.score_row(cfg, f"guided_run{r}", f"multi-guided samples, lambda = {cfg.lambdas}"
@@ -613,7 +604,7 @@ def real_images_rows(cfg, rt, ema, d, ddpm_step, clfs, data, fout):
                                       scores(data["distinct"]["images"]), "training"))
     rows.append(real_images.score_row(cfg, "unconditional", "unconditional samples",
                                       scores(draw_samples(cfg, rt, ema, d, "unconditional", ddpm_step)), "unconditional"))
-    for lam in parse_floats(cfg.lambda_sweep):  # Sec. 5.3: the same lambda on both classes, classifier 0
+    for lam in plumbing.float_list(cfg.lambda_sweep):  # Sec. 5.3: the same lambda on both classes, classifier 0
         images = draw_samples(cfg, rt, ema, d, f"sweep_lambda{lam:g}", ddpm_step, clfs[0], (lam, lam))
         rows.append(real_images.score_row(cfg, f"sweep_lambda{lam:g}", f"multi-guided samples, lambda = {lam:g}",
                                           scores(images), None))
@@ -638,7 +629,11 @@ def check_out(cfg):
         raise SystemExit(f"train.py: --out {cfg.out} already holds a run (config.json); pass --resume to "
                          f"continue it, --overwrite to start afresh, or choose another --out")
     if cfg.resume:
-        diff = identity_diff(plumbing.read_json(config_path, "run record"), identity(cfg))
+        old = plumbing.read_json(config_path, "run record")
+        if cfg.lr_schedule == "cosine" and old.get("steps") != cfg.steps:
+            raise SystemExit(f"train.py: cannot --resume {cfg.out} with --steps {cfg.steps}: its cosine learning-rate "
+                             f"schedule ends at step {old.get('steps')}")
+        diff = identity_diff(old, identity(cfg))
         if diff:
             raise SystemExit(f"train.py: cannot --resume {cfg.out}: its run used other values for "
                              f"{', '.join('--' + k.replace('_', '-') for k in diff)}")
@@ -666,7 +661,8 @@ def run(cfg, experiment):
             command = shlex.join(["python", os.path.basename(sys.argv[0]), *sys.argv[1:]])
             results = dict(results, config=dataclasses.asdict(cfg), command=command, out=cfg.out, device=str(rt.device),
                            runs=cfg.runs, n_samples=cfg.n_samples, sample_respacing=cfg.sample_respacing,
-                           sampler=cfg.sampler)
+                           sampler=cfg.sampler, chain_steps=len(ddpm.space_timesteps(cfg.T, cfg.sample_respacing)))
+            results["profile"] = report.profile(results)
             plumbing.write_json(results, os.path.join(cfg.out, "results.json"))
             report.render(cfg.out)
     if rt.world > 1 and dist.is_initialized():
@@ -691,7 +687,7 @@ def main(argv=None):
               f"{shlex.join(['python', 'train.py', *keep, *([] if '--resume' in keep else ['--resume'])])}")
     elif r is not None:
         print(f"report: {os.path.join(cfg.out, 'report.md')}")
-        print(real_images.headline(r) if real else circles_headline(r))
+        print(real_images.headline(r) if real else report.circles_headline(r))
     return r
 
 

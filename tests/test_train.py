@@ -94,7 +94,7 @@ def test_bad_input_is_refused_with_one_line(tmp_path):
     before = digest(out / "ddpm.pt")
     cases = [
         (["--data", "faces"], "invalid choice"),
-        (["--steps", "0", "--out", str(tmp_path / "x")], "--steps must be positive"),
+        (["--steps", "0", "--out", str(tmp_path / "x")], "--steps must be > 0"),
         (["--out", str(out / "config.json")], "is a file"),
         (["--steps", "5", "--out", str(out)], "already holds a run"),
         (["--steps", "5", "--out", str(out), "--resume", "--lr", "0.5"], "--lr"),

@@ -64,7 +64,7 @@ def profile(r):
     for stage, seconds in t.items():
         images, per = work.get(stage, (0, 0))
         rows[stage] = dict(wall_s=seconds, images=images, img_per_s=images / seconds if images and seconds else None,
-                           gflop=images * per / 1e9 if per else None,
+                           gflop=images * per / 1e9 if per and images else None,
                            gflop_per_s=images * per / 1e9 / seconds if per and images and seconds else None)
     g, u = t.get("guided_sampling_s"), t.get("unguided_sampling_s")
     ratio = g / c["runs"] / u if g and u else None   # the same samples and steps: a guided step's cost

@@ -7,6 +7,8 @@ What is measured, for the `cpu` preset at 32x32 (batch 64) and the same net at 6
 - peak MiB: the process's peak resident memory (`ru_maxrss`): every configuration runs in a fresh
   subprocess, so this is the peak of that configuration alone (torch itself takes ~300 MiB);
 - fp32 against bf16 autocast (`torch.autocast("cpu", dtype=torch.bfloat16)`), channels_last on/off;
+- achieved training GFLOP/s (3 x the forward FLOPs counted by torch's FlopCounterMode x img/s) as a
+  fraction of this CPU's measured peak, the GFLOP/s of a 2048 x 2048 matrix product in the same dtype;
 - if `diffusers` is importable: a diffusers `UNet2DModel` of about the same size (widths 32, 64, 64,
   one ResBlock per level, attention in the last level and the middle), at full resolution (it has no
   pixel-unshuffle stem), same batch, fp32; and the ratio ours/diffusers of train img/s.
@@ -109,7 +111,26 @@ def measure(label, backbone, resolution, batch, bf16, channels_last, warmup, ste
     eval_ms = 1000 * statistics.median(eval_times[1:]) / 64
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     params = sum(p.numel() for p in model.parameters())
-    return dict(train_img_s=train_img_s, eval_ms=eval_ms, peak_mib=peak_mib, params=params)
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        net(x[:1].contiguous(), t[:1])
+    flops = counter.get_total_flops()           # one forward of one image; training ~ 3x (forward + backward)
+    return dict(train_img_s=train_img_s, eval_ms=eval_ms, peak_mib=peak_mib, params=params,
+                train_gflop_s=3 * flops * train_img_s / 1e9, peak_gflop_s=matmul_peak(bf16))
+
+
+def matmul_peak(bf16, n=2048, reps=5):
+    """This CPU's measured peak: GFLOP/s of a 2048 x 2048 matrix product (2 n^3 FLOPs), best of reps, in the
+    same dtype and on the same 2 threads as the measured network."""
+    import torch
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    best = float("inf")
+    for _ in range(reps + 1):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
 
 
 def run_worker(config, warmup, steps):
@@ -131,17 +152,20 @@ def summarize(config, trials):
                 channels_last=cl, params=trials[0]["params"], train_img_s=statistics.median(speeds),
                 train_img_s_min=min(speeds), train_img_s_max=max(speeds),
                 eval_ms_per_img=statistics.median(r["eval_ms"] for r in trials),
-                peak_mib=statistics.median(r["peak_mib"] for r in trials), trials=len(trials))
+                peak_mib=statistics.median(r["peak_mib"] for r in trials), trials=len(trials),
+                train_gflop_s=statistics.median(r["train_gflop_s"] for r in trials),
+                peak_gflop_s=max(r["peak_gflop_s"] for r in trials))
 
 
 def print_table(rows):
     print(f"{'model':<10} {'res':>5} {'batch':>5} {'dtype':<5} {'ch_last':<7} {'params':>10} "
-          f"{'train img/s (min-max)':>22} {'eval ms/img':>11} {'peak MiB':>8}")
+          f"{'train img/s (min-max)':>22} {'eval ms/img':>11} {'peak MiB':>8} {'GFLOP/s':>8} {'of peak':>7}")
     for r in rows:
         spread = f"{r['train_img_s']:.1f} ({r['train_img_s_min']:.0f}-{r['train_img_s_max']:.0f})"
         print(f"{r['model']:<10} {r['resolution']:>5} {r['batch']:>5} {r['dtype']:<5} "
               f"{str(r['channels_last']):<7} {r['params']:>10,} {spread:>22} "
-              f"{r['eval_ms_per_img']:>11.2f} {r['peak_mib']:>8.0f}")
+              f"{r['eval_ms_per_img']:>11.2f} {r['peak_mib']:>8.0f} {r['train_gflop_s']:>8.1f} "
+              f"{r['train_gflop_s'] / r['peak_gflop_s']:>7.0%}")
 
 
 def ratios(rows):

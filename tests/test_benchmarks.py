@@ -104,21 +104,21 @@ def verdicts(rows):
 
 def test_circles_targets_verdicts_on_hand_made_results(tmp_path):
     # one run meeting every target, at the boundaries where they are inclusive
-    good = circles_targets.read_measurement(write_results(tmp_path / "good", 0.85, 0.05, 0.05), 15 * 60.0, 2047.0)
-    assert good["wall_min"] == 15.0 and good["accuracy_std_over_runs"] == 0.02
+    good = circles_targets.read_measurement(write_results(tmp_path / "good", 0.85, 0.04, 0.05), 5 * 60.0, 1024.0)
+    assert good["wall_min"] == 5.0 and good["accuracy_std_over_runs"] == 0.02
     assert set(verdicts(circles_targets.evaluate_targets([good])).values()) == {"PASS"}
-    # and one missing every target (peak memory: strictly below 2 GiB)
-    bad = circles_targets.read_measurement(write_results(tmp_path / "bad", 0.84, 0.06, 0.06), 15 * 60.0 + 1, 2048.0)
+    # and one missing every target
+    bad = circles_targets.read_measurement(write_results(tmp_path / "bad", 0.84, 0.05, 0.06), 5 * 60.0 + 1, 1025.0)
     assert set(verdicts(circles_targets.evaluate_targets([bad])).values()) == {"FAIL"}
     # across seeds: quality on the mean, time and memory on the worst seed
-    s0 = circles_targets.read_measurement(write_results(tmp_path / "s0", 0.90, 0.02, 0.00), 10 * 60.0, 1000.0)
-    s1 = circles_targets.read_measurement(write_results(tmp_path / "s1", 0.82, 0.07, 0.00), 16 * 60.0, 1200.0)
+    s0 = circles_targets.read_measurement(write_results(tmp_path / "s0", 0.90, 0.02, 0.00), 4 * 60.0, 1000.0)
+    s1 = circles_targets.read_measurement(write_results(tmp_path / "s1", 0.82, 0.05, 0.00), 6 * 60.0, 900.0)
     rows = circles_targets.evaluate_targets([s0, s1])
     assert verdicts(rows) == dict(wall_min="FAIL", peak_mib="PASS", accuracy="PASS", bad_fraction="PASS",
                                   unconditional_accuracy="PASS")
     acc = rows[2]
     assert acc["mean"] == pytest.approx(0.86) and acc["std"] == pytest.approx(0.04)  # population std
-    assert rows[0]["judged_value"] == 16.0 and rows[1]["judged_value"] == 1200.0
+    assert rows[0]["judged_value"] == 6.0 and rows[1]["judged_value"] == 1000.0
 
 
 def test_circles_targets_pass_through_and_refusals(capsys):

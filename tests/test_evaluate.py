@@ -359,3 +359,19 @@ def test_cli_loss_by_t_recomputes_and_refuses_bad_input(tmp_path):
     assert not os.path.exists(bad)
     res = _run("loss-by-t", "--ddpm", ckpt, "--train", "circles", "--t", "-3", "--out", bad)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "--t" in res.stderr
+
+
+def test_bad_kinds_sorts_hand_made_samples():
+    """evaluate.bad_kinds: at 32 x 32 a drawn disc has 5 pixels; each kind from one hand-made image."""
+    size, white = 32, 255
+    imgs = np.zeros((7, size, size, 3), np.uint8)
+    imgs[1] = tc.draw_disc(size, 16, 16, tc.default_radius(size))          # one clean disc: good
+    imgs[2] = imgs[1] | tc.draw_disc(size, 5, 16, tc.default_radius(size))  # two discs
+    imgs[3, 10:14, 10:14] = white                                           # a 16-pixel blob (> 2 x 5)
+    imgs[4, 20, 20:22] = white                                              # a 2-pixel speck (< 5 / 2)
+    imgs[5] = tc.draw_disc(size, 0, 16, tc.default_radius(size))            # centred on the border
+    imgs[6, 3, 3] = white                                                   # one pixel: below the detector
+    counts = ev.bad_kinds(imgs)
+    assert int((tc.draw_disc(size, 16, 16, tc.default_radius(size))[:, :, 0] > 0).sum()) == 5
+    assert counts == {"no circle": 2, "two or more circles": 1, "blob (over 2x a disc's area)": 1,
+                      "small (under half a disc)": 1, "cut at the edge": 1, "good": 1}

@@ -83,7 +83,7 @@ class Config:
     learn_sigma: bool = field(default=True, metadata={"help": "learned variance (Eq. 8)"})
     loss: str = field(default="hybrid", metadata={"help": "training loss", "choices": ["hybrid", "simple", "kl"]})
     train_respacing: str = field(default="", metadata={"help": "train on a respaced chain ('' = all T steps)"})
-    steps: int = field(default=3000, metadata={"help": "DDPM training steps"})
+    steps: int = field(default=1000, metadata={"help": "DDPM training steps"})
     batch: int = field(default=64, metadata={"help": "global batch size"})
     lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
     warmup: int = field(default=100, metadata={"help": "linear learning-rate warm-up steps"})
@@ -103,7 +103,7 @@ class Config:
     sampler: str = field(default="ddpm", metadata={"help": "reverse process", "choices": ["ddpm", "ddim"]})
     n_samples: int = field(default=256, metadata={"help": "samples per evaluation (the paper: 1000)"})
     sample_batch: int = field(default=128, metadata={"help": "images per sampling batch"})
-    lambdas: str = field(default="30,30", metadata={"help": "multi-guidance weights, one per class (left,right; "
+    lambdas: str = field(default="60,60", metadata={"help": "multi-guidance weights, one per class (left,right; "
                                                  "corners: quadrants 0-3, row-major)"})
     lambda_sweep: str = field(default="", metadata={"help": "also evaluate these equal weights, e.g. 0,10,30,60 "
                                                      "(with --guidance free: 0,1,3,10,30 when not given)"})
@@ -162,7 +162,9 @@ DATA = {"circles": dict(region="train", classes=2, flip_swaps_label=True),   # S
         **{name: dict(region=None, classes=2, flip_swaps_label=False) for name in real_images.DATA_NAMES}}
 CFG_SWEEP = "0,1,3,10,30"  # the lambda sweep of a --guidance free run when --lambda-sweep is not given
 
-PRESETS = {"circles": {},  # the dataclass defaults are the circles CPU preset
+# The dataclass defaults are the circles CPU preset: 1000 DDPM steps and lambda = 60 per class where the
+# paper trains 30k steps and guides with 30; why, measured on 2 CPU cores: docs/RESULTS.md, "Speed".
+PRESETS = {"circles": {},
            "corners": dict(lambdas="30,30,30,30"),  # App. F: "lambda = 30 across all classes"
            **real_images.PRESETS}
 PAPER_PRESETS = {
@@ -172,13 +174,13 @@ PAPER_PRESETS = {
     # respaced to 64 steps.
     "circles": dict(image_size=64, unet="paper", attention="16,8", T=4000, train_respacing="", grad_clip=0.0,
                     ema_warmup=False, steps=30000, batch=64, lr=1e-4, warmup=0, ema=0.9999, precision="fp16",
-                    sample_respacing="64", ckpt_every=2000, grid_every=5000, log_every=200,
+                    sample_respacing="64", lambdas="30,30", ckpt_every=2000, grid_every=5000, log_every=200,
                     n_samples=1000, sample_batch=250, clf="paper", clf_steps=3000, clf_lr=3e-4, runs=10),
     **real_images.PAPER_PRESETS}
 PAPER_PRESETS["corners"] = dict(PAPER_PRESETS["circles"], lambdas="30,30,30,30")  # same numbers, 4 classes
 # --quick: a first complete result in a few minutes on a laptop CPU (fewer steps and samples, no App. K
 # regressor); the numbers are rougher than the default's. The times are in docs/RESULTS.md.
-QUICK_PRESETS = {"circles": dict(steps=1000, clf_steps=200, regressor_steps=0, n_samples=128),
+QUICK_PRESETS = {"circles": dict(steps=600, clf_steps=200, regressor_steps=0, n_samples=128),
                  **real_images.QUICK_PRESETS}
 QUICK_PRESETS["corners"] = dict(QUICK_PRESETS["circles"], lambdas="30,30,30,30")
 

@@ -277,6 +277,8 @@ def check_config(cfg, parser):
             parser.error(f"--image-size: {e}")
     elif cfg.image_size % 8:
         parser.error(f"--image-size must be a multiple of 8 (the U-Net halves it three times), got {cfg.image_size}")
+    if cfg.loss == "simple" and cfg.learn_sigma:
+        parser.error("--loss simple trains no variance: add --no-learn-sigma, or use --loss hybrid")
     if cfg.resume and cfg.overwrite:
         parser.error("--resume continues the run in --out and --overwrite replaces it: pass one of them")
     plumbing.check_out_folder(cfg.out)

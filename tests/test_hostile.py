@@ -118,6 +118,7 @@ def cases():
     add("train", t, "--backbone", ["rnn"], "--backbone")
     out.append(("train --resume --overwrite", "train", t + ["--resume", "--overwrite"], "--resume"))
     out.append(("train --paper --quick", "train", t + ["--paper", "--quick"], "--paper"))
+    out.append(("train --loss simple learned sigma", "train", t + ["--loss", "simple"], "--no-learn-sigma"))
     out.append(("train --resume nothing", "train", t + ["--resume"], "no run to continue"))
     out.append(("train dit attention", "train", t + ["--backbone", "dit", "--attention", "8"], "--attention"))
     out.append(("train unknown flag", "train", t + ["--learning-rate", "1"], "unrecognized"))

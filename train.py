@@ -125,7 +125,7 @@ class Config:
     spectral_norm: bool = field(default=False, metadata={"help": "spectral normalisation in the classifier (Sec. 5.5)"})
     runs: int = field(default=1, metadata={"help": "classifiers with different seeds, one DDPM (the paper: 10)"})
     heatmap_t: int = field(default=0, metadata={"help": "chain step of the classifier heatmap (Fig. 7b)"})
-    regressor_steps: int = field(default=500, metadata={"help": "App. K evaluator: training steps of the centre "
+    regressor_steps: int = field(default=200, metadata={"help": "App. K evaluator: training steps of the centre "
                                                         "regressor on circles at every position (0 = none)"})
     # --- run control (not part of a run's identity) ---
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its checkpoints"})

@@ -282,8 +282,8 @@ def check_config(cfg, parser):
     if cfg.resume and cfg.overwrite:
         parser.error("--resume continues the run in --out and --overwrite replaces it: pass one of them")
     plumbing.check_out_folder(cfg.out)
-    forced = cfg.force and cfg.data in real_images.DATA_NAMES  # --force runs the paper's faces on the CPU in fp32
-    if cfg.precision == "fp16" and plumbing.check_device(cfg.device).type != "cuda" and not forced:
+    estimated = cfg.data in real_images.DATA_NAMES and "paper" in (cfg.unet, cfg.clf)  # estimate, then refuse or fp32
+    if cfg.precision == "fp16" and plumbing.check_device(cfg.device).type != "cuda" and not estimated:
         parser.error("--precision fp16 needs a CUDA device; use --precision bf16 or fp32 on the CPU")
     check_out(cfg)
     if cfg.data in real_images.DATA_NAMES:

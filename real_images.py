@@ -78,8 +78,8 @@ PAPER_PRESETS = {name: PAPER_PRESET for name in DATA_NAMES}
 # steps, ranked by the ensemble's margin), 250 digits per side (--subset 500), a lambda sweep. The numbers
 # and the time (about 13 min on 2 cores) are in docs/RESULTS.md.
 PRESETS["digits"] = dict(CPU_PRESET, image_size=16, steps=3000, batch=64, log_every=50, ckpt_every=500,
-                         grid_every=1000, clf_steps=500, clf_batch=64, n_samples=256, lambdas="30,30",
-                         lambda_sweep="10,60", subset="500")
+                         grid_every=1000, clf_steps=500, clf_batch=64, n_samples=256, lambdas="1,1",
+                         lambda_sweep="3,10,30,60", subset="500")
 QUICK_PRESETS["digits"] = dict(PRESETS["digits"], steps=1000, clf_steps=200, n_samples=128, lambda_sweep="")
 PAPER_PRESETS["digits"] = dict(PAPER_PRESET, image_size=32, subset="all")
 # --subset choices of train.py: filter_data.py's step-3 presets (its --subset young needs --oversample).
@@ -190,7 +190,7 @@ def score_row(cfg, name, label, scores, paper_key):
     both range conventions, the fraction of mild scores in [0.2, 0.8], the paper's (MSE, KLD) for CelebA
     Smiling; the scores themselves are kept for the report's histograms."""
     m = evaluate.histogram_metrics(scores)
-    paper = PAPER_FACES.get(paper_key, {}).get("60k" if cfg.subset == "all" else cfg.subset)
+    paper = PAPER_FACES.get(paper_key, {}).get("60k" if cfg.subset in ("all", "auto") else cfg.subset)
     return dict(name=name, label=label, n=len(scores), unit={k: m["unit"][k] for k in ("mse", "kld")},
                 data={k: m["data"][k] for k in ("mse", "kld")},
                 middle_fraction=float(np.mean((scores >= 0.2) & (scores <= 0.8))),
@@ -373,18 +373,31 @@ def slant_grid(images, real, path, n=64):
 
 
 def pick_lambda(candidates, unguided_band):
-    """Sec. 5.3's rule, "the least artefacts that still fills the middle", measurably: among the lambdas whose
-    middle-band fraction beats the unguided samples' by FILL_MARGIN, the one with the fewest artefacts
-    (1 - confident digit-likeness; ties: the smaller lambda). When none fills the middle: the lambda with
-    the largest band fraction, and fills = False. candidates: dicts with lam, band_fraction, artefacts."""
+    """Sec. 5.3's rule, "the least artefacts that still fills the middle", measurably. Fills the middle: a
+    band fraction at least FILL_MARGIN above the unguided samples'. Artefacts: 1 - confident digit-likeness,
+    a proportion of n samples, so two lambdas whose artefacts differ by less than two standard errors of
+    the difference (binomial) are tied, and a tie goes to the smaller lambda (the paper, Sec. 5.3 and App.
+    I: artefacts grow with lambda). When none fills the middle: the largest band fraction, fills = False.
+    candidates: dicts with lam, band_fraction, artefacts, n."""
     fill = [c for c in candidates if c["band_fraction"] - unguided_band >= FILL_MARGIN]
-    if fill:
-        best = min(fill, key=lambda c: (c["artefacts"], c["lam"]))
-    else:
+    if not fill:
         best = max(candidates, key=lambda c: (c["band_fraction"], -c["lam"]))
-    return dict(lam=best["lam"], fills=bool(fill), margin=FILL_MARGIN, unguided_band_fraction=unguided_band,
-                rule=f"fewest artefacts (1 - confident digits) among the lambdas whose band fraction is at least "
-                     f"{FILL_MARGIN} above the unguided samples'")
+        return dict(lam=best["lam"], fills=False, least_artefacts=None, margin=FILL_MARGIN,
+                    unguided_band_fraction=unguided_band, rule=PICK_RULE)
+    least = min(fill, key=lambda c: (c["artefacts"], c["lam"]))
+
+    def tied(c):
+        se = math.sqrt(c["artefacts"] * (1 - c["artefacts"]) / c["n"] + least["artefacts"] * (1 - least["artefacts"]) / least["n"])
+        return c["artefacts"] - least["artefacts"] <= 2 * se
+
+    best = min((c for c in fill if tied(c)), key=lambda c: c["lam"])
+    return dict(lam=best["lam"], fills=True, least_artefacts=least["lam"], margin=FILL_MARGIN,
+                unguided_band_fraction=unguided_band, rule=PICK_RULE)
+
+
+PICK_RULE = (f"among the lambdas whose band fraction is at least {FILL_MARGIN} above the unguided samples', the "
+             "fewest artefacts (1 - confident digits), differences within two standard errors tied, ties to the "
+             "smaller lambda")
 
 
 def lambda_table(cfg, sets):
@@ -393,7 +406,7 @@ def lambda_table(cfg, sets):
     lams = plumbing.float_list(cfg.lambdas)
     named = {0.0: "unconditional", **({lams[0]: "guided_run0"} if len(set(lams)) == 1 else {}),
              **{lam: f"sweep_lambda{lam:g}" for lam in plumbing.float_list(cfg.lambda_sweep)}}
-    rows = [dict(lam=lam, name=name, band_fraction=sets[name]["band_fraction"], artefacts=sets[name]["artefacts"],
+    rows = [dict(lam=lam, name=name, n=sets[name]["n"], band_fraction=sets[name]["band_fraction"], artefacts=sets[name]["artefacts"],
                  classes=sets[name]["classes"], unit=sets[name]["unit"], background=sets[name]["background"])
             for lam, name in sorted(named.items())]
     return rows, pick_lambda([r for r in rows if r["lam"] > 0] or rows, sets["unconditional"]["band_fraction"])

@@ -334,12 +334,14 @@ def slant_metrics(images, real):
 
 def nearest_real(images, real, kept):
     """Median pixel distance ([0, 1] pixels, Euclidean) of each image to its nearest real digit (all 1,797)
-    and to its nearest kept training digit (rows `kept` in load_digits order)."""
+    and to its nearest kept training digit (rows `kept` in load_digits order), and the fraction whose
+    nearest training digit has pixel cosine > evaluate.COPY_COSINE (App. H's near-copies)."""
     q = evaluate.image_vectors(images)
     to_real = evaluate.nearest_neighbours(q, evaluate.image_vectors(real["images"]), scale=1 / 255)
     to_kept = evaluate.nearest_neighbours(q, evaluate.image_vectors(real["images"][kept]), scale=1 / 255)
     return dict(nearest_real_median=float(np.median(to_real["distance"])),
-                nearest_training_median=float(np.median(to_kept["distance"])))
+                nearest_training_median=float(np.median(to_kept["distance"])),
+                near_copy_fraction=float(np.mean(to_kept["cosine"] > evaluate.COPY_COSINE)))
 
 
 def digits_filter(fout, real):
@@ -429,7 +431,7 @@ def digits_results(cfg, rt, sets, fout, rows):
     for row in rows:
         row["digits"] = {k: v for k, v in measured[row["name"]].items() if k != "slants"}
     held_out = [i for i in filt["held_out_indices"] if i not in set(filt["kept_indices"])]
-    reference = nearest_real(real["images"][held_out], real, filt["kept_indices"])["nearest_training_median"]
+    reference = nearest_real(real["images"][held_out], real, filt["kept_indices"])  # real digits never trained on
     sweep, pick = lambda_table(cfg, measured)
     g, u = measured["guided_run0"], measured["unconditional"]
     print(f"digits: middle band [{real['band'][0]:.4f}, {real['band'][1]:.4f}]: guided {g['band_fraction']:.3f}, "
@@ -437,7 +439,9 @@ def digits_results(cfg, rt, sets, fout, rows):
           f"{g['confident_fraction']:.3f} over {g['classes']} classes; lambda picked {pick['lam']:g}")
     return dict(digits=dict(band=list(real["band"]), median=real["median"], classifier=summary,
                             filter={k: v for k, v in filt.items() if not k.endswith("_indices")}, sets=measured,
-                            held_out_nearest_training_median=reference, lambda_sweep=sweep, lambda_pick=pick),
+                            held_out_nearest_training_median=reference["nearest_training_median"],
+                            held_out_near_copy_fraction=reference["near_copy_fraction"], n_held_out=len(held_out),
+                            lambda_sweep=sweep, lambda_pick=pick),
                 kept_indices=filt["kept_indices"])
 
 

@@ -338,11 +338,12 @@ def digits_table(r):
     """report.md lines: each sample set measured by its slant and by the digit classifier."""
     g = r["digits"]
     lines = ["| set | n | in the middle band | ... background removed | background level | slant MSE / KLD to "
-             "uniform | confidently digits | classes | nearest real / training digit |", "|---" * 9 + "|"]
+             "uniform | confidently digits | classes | nearest real / training digit | near-copies |", "|---" * 10 + "|"]
     for name in ["real", "training", "unconditional", *[row["name"] for row in r["rows"]
                                                        if row["name"].startswith(("guided", "sweep"))]]:
         m = g["sets"][name]
-        near = f"{m['nearest_real_median']:.2f} / {m['nearest_training_median']:.2f}" if "nearest_real_median" in m else "-"
+        near = (f"{m['nearest_real_median']:.2f} / {m['nearest_training_median']:.2f} | {_pct(m['near_copy_fraction'])}"
+                if "nearest_real_median" in m else "- | -")
         hist = f"{m['unit']['mse']:.3f} / {m['unit']['kld']:.3f}" if m["unit"] else "-"
         label = {"real": "real digits (all)", "training": "training (kept)"}.get(name, name)
         lines.append(f"| {label} | {m['n']} | {_pct(m['band_fraction'])} | {_pct(m['band_fraction_dehazed'])} | "
@@ -371,8 +372,11 @@ def digits_lines(r):
              f"Digit-likeness: a ten-class classifier (SmallCNN, {clf['steps']} steps on {clf['n_train']} real digits, "
              f"test accuracy {clf['test_accuracy']:.3f}); a sample is confidently a digit when its top class has "
              f"p > {clf['confident']}; a class appears when at least 1% of the samples are confidently it. Nearest "
-             f"digit: median pixel distance ([0, 1] pixels) to the nearest real digit / kept training digit (held-out "
-             f"real digits to the kept set: {g['held_out_nearest_training_median']:.2f}).", "", *digits_table(r), ""]
+             f"digit: median pixel distance ([0, 1] pixels) to the nearest real digit / kept training digit; near-"
+             f"copies: nearest training digit at pixel cosine > 0.95 (App. H). For scale, the {g['n_held_out']} "
+             f"held-out real digits (never trained on): {g['held_out_nearest_training_median']:.2f} to the kept set, "
+             f"{_pct(g['held_out_near_copy_fraction'])} near-copies: at 16 x 16 two different real digits are often "
+             "that close.", "", *digits_table(r), ""]
     lines += ["### Guidance strength (Sec. 5.3)", "", "| lambda | in the middle band | artefacts (1 - confident) | "
               "classes | slant MSE / KLD to uniform | background |", "|---|---|---|---|---|---|"]
     lines += [f"| {s['lam']:g} | {_pct(s['band_fraction'])} | {_pct(s['artefacts'])} | {s['classes']} | "

@@ -69,6 +69,7 @@ NATIVE_MAX = 16                 # ... with integer values 0..16
 IMAGE_SIZE = 16                 # the default side after upsampling (see the module docstring)
 PERCENTILES = (10, 30, 50, 70, 90)
 MIDDLE_PERCENTILES = (30, 70)   # the middle band: the 30th to 70th percentile of the real slant
+CLASS_NAMES = ("leans left", "leans right")   # label 0: slant at or below the median; 1: above it
 
 
 def check_image_size(size):
@@ -162,6 +163,41 @@ def band_fraction(images, band):
     Every image counts in the denominator: a blank one (no slant) is outside the band.
     """
     return float(in_band(slant(images), band).mean())
+
+
+def to_unit(slants, reference):
+    """The slant on [0, 1] by the real data's empirical CDF: u = #{reference slants <= s} / len(reference).
+
+    u is the fraction of real digits that lean at most as far right as s, so the real data themselves
+    are uniform on [0, 1] (u = k / N) and "uniform" means every slant as often as in the real data's
+    percentiles: the histogram-vs-uniform metrics of App. B (evaluate.histogram_metrics) then score how
+    evenly samples cover the real range of slants, and the middle band (30th-70th percentile) is
+    u in (0.3, 0.7]. Slants beyond the real extremes map to 0 or 1; NaN (no slant) stays NaN.
+    """
+    ref = np.sort(np.asarray(reference, dtype=np.float64))
+    ref = ref[np.isfinite(ref)]
+    if len(ref) == 0:
+        raise ValueError("to_unit needs finite reference slants")
+    s = np.asarray(slants, dtype=np.float64)
+    u = np.searchsorted(ref, np.where(np.isfinite(s), s, 0.0), side="right") / len(ref)
+    return np.where(np.isfinite(s), u, np.nan)
+
+
+BACKGROUND_PERCENTILE = 10   # an image's background level: its 10th-percentile grey value (real digits: 0)
+
+
+def background_level(images):
+    """Per image, the 10th-percentile grey value (0..255 for uint8): the level of its background. Every
+    real digit has at least 14% exactly black pixels at 16 x 16, so theirs is 0; a generated image with
+    a grey haze has a positive one, and the haze pulls the slant towards 0 (module docstring)."""
+    x = grey(images)
+    return np.percentile(x.reshape(len(x), -1), BACKGROUND_PERCENTILE, axis=1)
+
+
+def dehaze(images):
+    """float64 (N, H, W): each image minus its background level, clipped at 0 (real digits: unchanged)."""
+    x = grey(images)
+    return np.clip(x - background_level(x)[:, None, None], 0.0, None)
 
 
 def load_digits(size=IMAGE_SIZE):

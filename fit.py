@@ -460,11 +460,12 @@ def ddpm_loss(diffusion, x0, hflip=True, labels=None, label_dropout=0.0, swap_la
     return loss_fn
 
 
-def classifier_loss(diffusion, x0, labels, swap_labels=True):
+def classifier_loss(diffusion, x0, labels, swap_labels=True, hflip=True):
     """loss_fn for the noisy guidance classifier (Sec. 4.2): x_t at t ~ U{0..T-1} with its label
-    (classifier.classifier_losses: cross-entropy and accuracy)."""
+    (classifier.classifier_losses: cross-entropy and accuracy). Batches as draw_batch draws them: flipped
+    left-right unless hflip=False (digits: a flip negates the slant), labels swapped by a flip or not."""
     def loss_fn(net, batch, g):
-        x, y = draw_batch(x0, labels, batch, g, True, swap_labels)
+        x, y = draw_batch(x0, labels, batch, g, hflip, swap_labels)
         t = torch.randint(diffusion.num_timesteps, (batch,), generator=g, device=g.device).to(x0.device)
         noise = torch.randn(x.shape, generator=g, device=g.device).to(x0.device)
         return classifier.classifier_losses(net, diffusion, x, y, t, noise)

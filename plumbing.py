@@ -416,7 +416,7 @@ def new_figure(width=6.0, height=4.0):
     return Figure(figsize=(width, height))
 
 
-def save_grid(images, path, nrow=None, scale=1, marks=None):
+def save_grid(images, path, nrow=None, scale=1, marks=None, frames=None):
     """Tile N uint8 images (N, H, W, 3) or (N, H, W) into one PNG, nrow images per row.
 
     nrow defaults to ceil(sqrt(N)). Each tile is upscaled by `scale` (nearest neighbour), tiles are
@@ -424,6 +424,8 @@ def save_grid(images, path, nrow=None, scale=1, marks=None):
     (rows * H * scale + rows - 1) x (nrow * W * scale + nrow - 1) pixels, rows = ceil(N / nrow).
     marks: optional x positions in [0, 1] of each tile (e.g. a held-out band's ends), drawn as thin
     red vertical lines on every tile.
+    frames: optional bools, one per image: those tiles get a 1-pixel red border (e.g. the samples whose
+    measured attribute lies in a held-out band).
     """
     images = np.asarray(images)
     if images.ndim == 3:
@@ -440,6 +442,11 @@ def save_grid(images, path, nrow=None, scale=1, marks=None):
         tiles = tiles.copy()
         for z in marks:
             tiles[:, :, min(tw - 1, int(round(z * tw))), :] = (255, 0, 0)
+    if frames is not None:
+        tiles = tiles.copy()
+        framed = tiles[np.asarray(frames, dtype=bool)]
+        framed[:, [0, -1], :, :], framed[:, :, [0, -1], :] = (255, 0, 0), (255, 0, 0)
+        tiles[np.asarray(frames, dtype=bool)] = framed
     for i, tile in enumerate(tiles):
         r, c = divmod(i, nrow)
         grid[r * (th + 1): r * (th + 1) + th, c * (tw + 1): c * (tw + 1) + tw] = tile

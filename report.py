@@ -36,6 +36,8 @@ def render(out):
             evaluate.plot_histogram_vs_uniform(np.asarray(row["scores"]), os.path.join(out, "figures", f"hist_{row['name']}.png"),
                                                f"p({r['attr']}) of the {row['label']} (evaluation classifier)")
         plot_scores_vs_data(r, os.path.join(out, "figures", "scores_vs_data.png"))
+        if r.get("digits"):
+            digits_figures(out, r)
         text = real_images_report(r)
     plumbing.write_bytes_atomically(os.path.join(out, "report.md"), text.encode())
     return text
@@ -318,7 +320,7 @@ def filter_lines(r):
 def real_images_report(r):
     """report.md of a real-image run: the comparison of histograms with the paper's, then the pictures."""
     c, attr = r["config"], r["attr"]
-    subset = "60k, the paper's full extreme set" if c["subset"] == "all" else c["subset"]
+    subset = "60k, the paper's full extreme set" if c["subset"] in ("all", "auto") else c["subset"]
     celeba = c["data"] == "celeba"
     lines = real_images_intro(r) + filter_lines(r) + [
         "Histogram of the scores, 100 bins, against uniform (App. B); lower is better. `data`: bins over "
@@ -336,6 +338,7 @@ def real_images_report(r):
         lines += ["", "Paper: Sec. 5.1 (guided 0.13 / 0.61, training 0.56 / 3.17, unconditional 0.64 / 3.5; lambda = "
                       "30,30, 10k samples, 250 steps), Table 1 for the 30k, 10k and 5k subsets"
                       f"{'' if r['rows'][0]['paper'] else f' (CelebA Smiling only: none for {attr})'}."]
+    lines += digits_lines(r) if r.get("digits") else []
     lines += ["", f"This run: {c['sampler']}, {c['sample_respacing']} steps, {c['n_samples']} samples.",
               *memorization_table(r.get("memorization"), circles=False), *profile_table(r), "", "## Figures", ""]
     lines += [f"Scores of the {row['label']}: ![{row['name']}](figures/hist_{row['name']}.png)" + "\n"
@@ -345,6 +348,112 @@ def real_images_report(r):
               "Training images (32 per class): ![training](figures/training_data.png)", "",
               "Training losses: ![DDPM](logs/ddpm/loss.png) ![classifier](logs/classifier0/loss.png)", ""]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Digits (--data digits): the exact slant of every sample (real_images.digits_results)
+# ----------------------------------------------------------------------------------------------
+
+DIGIT_SETS = (("guided_run0", "multi-guided", "tab:blue"), ("unconditional", "unguided", "tab:orange"),
+              ("training", "training (kept)", "0.3"))
+
+
+def _finite(values):
+    return np.asarray([v for v in values if v is not None], dtype=np.float64)
+
+
+def digits_figures(out, r):
+    """The slant histogram of the samples against the real digits' (band shaded), and the CDF-mapped slant
+    of each set against uniform (App. B)."""
+    g, sets = r["digits"], r["digits"]["sets"]
+    real = _finite(sets["real"]["slants"])
+    fig = plumbing.new_figure(7.5, 3.8)
+    ax = fig.add_subplot(1, 1, 1)
+    bins = np.linspace(np.percentile(real, 0.5) - 0.1, np.percentile(real, 99.5) + 0.1, 51)
+    ax.hist(np.clip(real, bins[0], bins[-1]), bins=bins, density=True, color="0.82", label=f"real digits ({len(real)})")
+    ax.axvspan(*g["band"], color="tab:green", alpha=0.15, label="middle band (30th-70th percentile)")
+    for name, label, colour in DIGIT_SETS:
+        v = _finite(sets[name]["slants"])
+        ax.hist(np.clip(v, bins[0], bins[-1]), bins=bins, density=True, histtype="step", lw=2 if name != "training" else 1,
+                color=colour, label=f"{label} ({len(v)}): {_pct(sets[name]['band_fraction'])} in the band")
+    ax.set_xlabel("slant = -mu11 / mu02 (right lean > 0; clipped to the axis)")
+    ax.set_ylabel("density")
+    ax.set_title("slant of the samples against the real digits")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    plumbing.save_figure(fig, os.path.join(out, "figures", "slant_histogram.png"))
+    real_sorted = np.sort(real)
+    for name, label, _ in DIGIT_SETS:
+        u = np.searchsorted(real_sorted, _finite(sets[name]["slants"]), side="right") / len(real_sorted)
+        if len(u):
+            evaluate.plot_histogram_vs_uniform(u, os.path.join(out, "figures", f"slant_uniform_{name}.png"),
+                                               f"slant percentile among the real digits, {label} samples")
+
+
+def digits_table(r):
+    """report.md lines: each sample set measured by its slant and by the digit classifier."""
+    g = r["digits"]
+    lines = ["| set | n | in the middle band | ... background removed | background level | slant MSE / KLD to "
+             "uniform | confidently digits | classes | nearest real / training digit | near-copies |", "|---" * 10 + "|"]
+    for name in ["real", "training", "unconditional", *[row["name"] for row in r["rows"]
+                                                       if row["name"].startswith(("guided", "sweep"))]]:
+        m = g["sets"][name]
+        near = (f"{m['nearest_real_median']:.2f} / {m['nearest_training_median']:.2f} | {_pct(m['near_copy_fraction'])}"
+                if "nearest_real_median" in m else "- | -")
+        hist = f"{m['unit']['mse']:.3f} / {m['unit']['kld']:.3f}" if m["unit"] else "-"
+        label = {"real": "real digits (all)", "training": "training (kept)"}.get(name, name)
+        lines.append(f"| {label} | {m['n']} | {_pct(m['band_fraction'])} | {_pct(m['band_fraction_dehazed'])} | "
+                     f"{m['background']:.1f} | {hist} | {_pct(m['confident_fraction'])} | {m['classes']} | {near} |")
+    return lines
+
+
+def digits_lines(r):
+    """report.md lines of a digits run: the filter by the exact slant, the table, the lambda sweep and its
+    pick, the grids sorted by slant with the band's tiles, the histograms."""
+    g, c = r["digits"], r["config"]
+    f, clf, pick = g["filter"], g["classifier"], g["lambda_pick"]
+    lo, hi = g["band"]
+    lines = ["", "## Digits: the slant, measured exactly", "",
+             f"Slant = -mu11 / mu02 of each image (digits.py; right lean > 0), samples as uint8. Middle band: the "
+             f"30th-70th percentile of the real digits' slant, [{lo:.4f}, {hi:.4f}]; labels: slant above the median "
+             f"{g['median']:.4f}. Histograms vs uniform map the slant to [0, 1] by the real digits' CDF (its "
+             "percentile), so uniform = every slant as often as among the real digits (App. B, 100 bins). Background "
+             "level: each image's 10th-percentile grey value, averaged (real digits: 0; a grey haze pulls the slant "
+             "towards 0, into the band, so the band fraction with each image's background removed is shown too).", "",
+             f"Filter (by the exact slant): kept {f['n_kept']} of {f['n_train']} training digits "
+             f"({_pct(f['kept_fraction'])}), {f['kept_per_side']} per side; {_pct(f['band_survival'])} of the training "
+             f"digits in the middle band survived; the band is {_pct(f['band_fraction_of_kept'])} of the kept set "
+             f"(|c| < 0.2: {_pct(f['mild_fraction_of_kept'])}). Kept digits per class 0-9: {f['kept_per_digit']} "
+             f"(training split: {f['train_per_digit']}): slant is entangled with the class.", "",
+             f"Digit-likeness: a ten-class classifier (SmallCNN, {clf['steps']} steps on {clf['n_train']} real digits, "
+             f"test accuracy {clf['test_accuracy']:.3f}); a sample is confidently a digit when its top class has "
+             f"p > {clf['confident']}; a class appears when at least 1% of the samples are confidently it. Nearest "
+             f"digit: median pixel distance ([0, 1] pixels) to the nearest real digit / kept training digit; near-"
+             f"copies: nearest training digit at pixel cosine > 0.95 (App. H). For scale, the {g['n_held_out']} "
+             f"held-out real digits (never trained on): {g['held_out_nearest_training_median']:.2f} to the kept set, "
+             f"{_pct(g['held_out_near_copy_fraction'])} near-copies: at 16 x 16 two different real digits are often "
+             "that close.", "", *digits_table(r), ""]
+    lines += ["### Guidance strength (Sec. 5.3)", "", "| lambda | in the middle band | artefacts (1 - confident) | "
+              "classes | slant MSE / KLD to uniform | background |", "|---|---|---|---|---|---|"]
+    lines += [f"| {s['lam']:g} | {_pct(s['band_fraction'])} | {_pct(s['artefacts'])} | {s['classes']} | "
+              f"{s['unit']['mse']:.3f} / {s['unit']['kld']:.3f} | {s['background']:.1f} |" if s["unit"] else
+              f"| {s['lam']:g} | {_pct(s['band_fraction'])} | {_pct(s['artefacts'])} | {s['classes']} | - | - |"
+              for s in g["lambda_sweep"]]
+    verdict = (f"fills the middle; the fewest artefacts measured: lambda = {pick['least_artefacts']:g}" if pick["fills"]
+               else "NO lambda fills the middle; the largest band fraction")
+    lines += ["", f"Picked by the paper's rule (the least artefacts that still fills the middle, Sec. 5.3; measured: "
+                  f"{pick['rule']}): lambda = {pick['lam']:g} ({verdict}). The run's own lambda: {c['lambdas']}.", ""]
+    lines += ["### Samples sorted by slant", "",
+              "Most left-leaning first, 8 per row; red frames: in the middle band. Slant histograms: "
+              "![slant](figures/slant_histogram.png)", ""]
+    for name, m in g["sets"].items():
+        if m.get("grid") is not None or name.startswith(("guided", "sweep", "unconditional")):
+            where = (f"tiles {m['grid']['first']}-{m['grid']['last']} of {m['grid']['n']} lie in the middle band"
+                     if m.get("grid") else "no tile lies in the middle band")
+            lines.append(f"{name} ({where}): ![{name}](figures/{name}_by_slant.png)" + "\n")
+    lines += [f"Slant percentile vs uniform, {label}: ![{name}](figures/slant_uniform_{name}.png)" + "\n"
+              for name, label, _ in DIGIT_SETS]
+    return lines
 
 
 def main(argv=None):

@@ -18,6 +18,7 @@ Run it (every option: python train.py --help; several processes or GPUs: torchru
     python train.py --data circles --paper              # the paper's configuration (GPU)
     python train.py --data circles --cfg --out runs/cfg # classifier-free vs classifier guidance (App. J)
     python train.py --data corners                      # two variables (App. F)
+    python train.py --data digits                       # real handwritten digits: slant (real_images.py)
     python train.py --data folder --root DIR            # your own two classes of images (real_images.py)
 
 Threads: min(8, cores) per process (cores / processes under torchrun); on a CPU shared with another
@@ -62,8 +63,8 @@ DATA_CHOICES = ["circles", "corners", *real_images.DATA_NAMES]
 class Config:
     """Every number of a run. Defaults are the CPU circles preset; PAPER_PRESETS holds the paper's."""
     data: str = field(default="circles", metadata={"help": "data set: circles (Sec. 5.5), corners (two variables, "
-                                                   "App. F), celeba (faces, Sec. 5.1-5.3), or your own labelled "
-                                                   "images: folder (--root with class folders) or csv (--csv)",
+                                                   "App. F), celeba (faces, Sec. 5.1-5.3), digits (slant), or your "
+                                                   "own labelled images: folder (--root, class folders) or csv (--csv)",
                                                    "choices": DATA_CHOICES})
     out: str = field(default="", metadata={"help": "output folder (default runs/<data>, runs/<data>_paper with --paper)"})
     seed: int = field(default=0, metadata={"help": "fixes data order, noise, initialisation, sampling"})
@@ -142,10 +143,10 @@ class Config:
                                                "holds more, e.g. cats,dogs ('' = the only two)"})
     csv: str = field(default="", metadata={"help": "--data csv: file of path,label[,split] rows (filter_data.py)"})
     attr: str = field(default="Smiling", metadata={"help": "--data celeba: the CelebA attribute (class 1 = present)"})
-    subset: str = field(default="all", metadata={"help": "--data celeba|folder|csv: extreme images kept by "
-                                                 "filter_data.py (Table 1: 60k, 30k, 10k, 5k; all = every survivor)",
-                                                 "choices": ["all", "60k", "30k", "10k", "5k"]})
-    filter_args: str = field(default="", metadata={"help": "--data celeba|folder|csv: more filter_data.py flags, e.g. "
+    subset: str = field(default="all", metadata={"help": "real images: extreme images kept by filter_data.py (auto: "
+                                                 "35%% per side; Table 1: 60k ... 5k; digits: 700, 500, 300; all = "
+                                                 "every survivor)", "choices": real_images.SUBSETS})
+    filter_args: str = field(default="", metadata={"help": "real images: more filter_data.py flags, e.g. "
                                                    "'--steps 100 --width 8' (--paper passes its --paper)"})
 
 
@@ -155,11 +156,11 @@ class Config:
 RUN_CONTROL = ("resume", "overwrite", "stop_at", "device", "threads", "out", "steps", "runs", "lambda_sweep",
                "force")
 
-# Each data set: the toy_circles region of its training images, its classes, and whether a left-right
-# flip swaps the label (a circle on the left becomes one on the right; a mirrored face keeps its smile).
-DATA = {"circles": dict(region="train", classes=2, flip_swaps_label=True),   # Sec. 5.5: left / right bands
-        "corners": dict(region="corners", classes=4, flip_swaps_label=True),  # App. F: quadrant labels
-        **{name: dict(region=None, classes=2, flip_swaps_label=False) for name in real_images.DATA_NAMES}}
+# Each data set: the toy_circles region of its training images, its classes, whether training flips images
+# left-right (hflip; not digits: it negates their slant) and whether a flip swaps the label (a circle on the
+# left becomes one on the right; a mirrored face keeps its smile: real_images.DATA).
+DATA = {"circles": dict(region="train", classes=2, flip_swaps_label=True, hflip=True),  # Sec. 5.5: left / right
+        "corners": dict(region="corners", classes=4, flip_swaps_label=True, hflip=True), **real_images.DATA}
 CFG_SWEEP = "0,1,3,10,30"  # the lambda sweep of a --guidance free run when --lambda-sweep is not given
 
 # The dataclass defaults are the circles CPU preset: 1000 DDPM steps and lambda = 60 per class where the
@@ -347,7 +348,7 @@ def train_ddpm(cfg, rt, images, labels=None):
             ema_model.train(False)
 
     meta = dict(kind="ddpm", backbone=cfg.backbone, model_config=model.config, diffusion=d)
-    loss_fn = fit.ddpm_loss(diffusion, x0, labels=y, label_dropout=cfg.label_dropout,
+    loss_fn = fit.ddpm_loss(diffusion, x0, hflip=DATA[cfg.data]["hflip"], labels=y, label_dropout=cfg.label_dropout,
                             swap_labels=DATA[cfg.data]["flip_swaps_label"])
     model, ema, log = fit.fit(model, loss_fn, fit_settings(cfg), os.path.join(cfg.out, "ddpm.pt"), rt, meta,
                               identity(cfg), resume=cfg.resume, on_step=on_step, desc="DDPM")
@@ -365,7 +366,7 @@ def train_classifier(cfg, rt, data, run_index):
     labels = torch.as_tensor(data["labels"]).to(rt.device)
     s = fit_settings(cfg, steps=cfg.clf_steps, batch=cfg.clf_batch, lr=cfg.clf_lr, warmup=0, ema=0.0,
                      schedule="constant", seed=seed, stream=1, ckpt_every=max(cfg.clf_steps, 1), stop_at=0)
-    loss_fn = fit.classifier_loss(diffusion, x0, labels, DATA[cfg.data]["flip_swaps_label"])
+    loss_fn = fit.classifier_loss(diffusion, x0, labels, DATA[cfg.data]["flip_swaps_label"], DATA[cfg.data]["hflip"])
     model, _, log = fit.fit(model, loss_fn, s, os.path.join(cfg.out, f"classifier{run_index}.pt"), rt,
                             dict(kind="classifier", model_config=model.config, diffusion=d), identity(cfg),
                             resume=cfg.resume, desc=f"classifier {run_index}")
@@ -579,40 +580,17 @@ def run_real_images(cfg, rt):
     if trained is None:
         return None
     ema, d, ddpm_step, clfs, _ = trained
+    draw = lambda name, clf=None, lambdas=(0.0, 0.0): draw_samples(cfg, rt, ema, d, name, ddpm_step, clf, lambdas)  # noqa: E731
     with plumbing.timed(timings, "sampling_and_scoring_s"):
-        rows, memo = real_images_rows(cfg, rt, ema, d, ddpm_step, clfs, data, fout)
+        rows, memo, sets = real_images.sample_rows(cfg, rt, draw, clfs, data, fout)
+    extra = real_images.extra_results(cfg, rt, sets, fout, rows, timings)  # digits: the exact slant
     timings["total_s"] = time.time() - t_start
     return dict(data=cfg.data, attr=real_images.attribute_name(cfg, data["class_names"]), subset=cfg.subset,
                 class_names=data["class_names"], memorization=memo, training_per_class=per_class, rows=rows,
                 lambdas=plumbing.float_list(cfg.lambdas), filter_out=fout, evaluation_classifier=real_images.judge_summary(fout),
-                filter=real_images.filter_summary(fout),
+                filter=real_images.filter_summary(fout), **extra,
                 timings_s=timings, paper={k: {s: list(v) for s, v in t.items()} for k, t in real_images.PAPER_FACES.items()},
                 flops_per_image=network_flops(cfg, ema, clfs[0]))
-
-
-def real_images_rows(cfg, rt, ema, d, ddpm_step, clfs, data, fout):
-    """The judge's scores of each sample set (guided per classifier, training, unconditional, the sweep)
-    as report rows, and App. H's memorization summary of guided run 0."""
-    def scores(images):
-        return evaluate.classifier_scores(images, real_images.judge_path(fout), rt.device)
-
-    rows, lambdas = [], plumbing.float_list(cfg.lambdas)
-    for r, clf in enumerate(clfs):
-        images = draw_samples(cfg, rt, ema, d, f"guided_run{r}", ddpm_step, clf, lambdas)
-        rows.append(real_images.score_row(cfg, f"guided_run{r}", f"multi-guided samples, lambda = {cfg.lambdas}"
-                                          + (f", classifier {r}" if cfg.runs > 1 else ""), scores(images), "guided"))
-        if r == 0:  # App. H: nearest training images of the guided samples (each kept image once)
-            memo = evaluate.memorization_check(images, data["distinct"], clf, None,
-                                               os.path.join(cfg.out, "figures", "memorization_pairs.png"))
-    rows.append(real_images.score_row(cfg, "training", f"training images (--subset {cfg.subset})",
-                                      scores(data["distinct"]["images"]), "training"))
-    rows.append(real_images.score_row(cfg, "unconditional", "unconditional samples",
-                                      scores(draw_samples(cfg, rt, ema, d, "unconditional", ddpm_step)), "unconditional"))
-    for lam in plumbing.float_list(cfg.lambda_sweep):  # Sec. 5.3: the same lambda on both classes, classifier 0
-        images = draw_samples(cfg, rt, ema, d, f"sweep_lambda{lam:g}", ddpm_step, clfs[0], (lam, lam))
-        rows.append(real_images.score_row(cfg, f"sweep_lambda{lam:g}", f"multi-guided samples, lambda = {lam:g}",
-                                          scores(images), None))
-    return rows, memo
 
 
 # ----------------------------------------------------------------------------------------------

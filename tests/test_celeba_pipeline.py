@@ -145,7 +145,7 @@ def test_face_flips_keep_their_labels():
 
 def test_train_classifier_uses_the_data_sets_flip_rule(monkeypatch):
     calls = []
-    monkeypatch.setattr(fit, "classifier_loss", lambda d, x0, y, swap=True: calls.append(swap))
+    monkeypatch.setattr(fit, "classifier_loss", lambda d, x0, y, swap=True, hflip=True: calls.append(swap))
     monkeypatch.setattr(fit, "fit", lambda model, *a, **k: (model, None, []))
     rt = fit.Runtime(0, 1, torch.device("cpu"))
     data = dict(images=torch.zeros(2, 16, 16, 3, dtype=torch.uint8).numpy(), labels=[0, 1])

@@ -316,7 +316,8 @@ def test_filter_keeps_only_true_extremes(run):
     # meaningful: the middle images sit in the training split with BOTH labels, so labels alone keep them
     assert set(ix["label"][train & (kind == 2)]) == {0, 1} and (train & (kind == 2)).sum() >= 30
     assert ix["kept"][kind == 2].sum() == 0                                   # not one middle image survives
-    assert ix["kept"][train & (kind < 2)].mean() >= 0.95                      # nearly every clear extreme does
+    passed = np.isin(ix["reason"], ("kept", "rank"))                          # through steps 1 and 2
+    assert passed[train & (kind < 2)].mean() >= 0.95 and passed[kind == 2].sum() == 0   # nearly every clear extreme
     assert ix["kept"][~train].sum() == 0 and set(ix["reason"][~train]) == {"split"}
     assert np.array_equal(ix["label"], truth["label"][ix["row"]]) and len(ix["row"]) == 240
     # every kept image passed both thresholds (defaults tau1 0.9, tau2 0.99) for its label
@@ -327,7 +328,9 @@ def test_filter_keeps_only_true_extremes(run):
         assert (p_y(ix[f"p_ensemble{m}"])[k] > 0.99).all()
     assert np.isnan(ix["p_ensemble1"][ix["reason"] == "step1"]).all()          # members score the step-1 set only
     counts = json.loads(open(os.path.join(out, "counts.json")).read())
-    assert counts["kept"] == np.bincount(ix["label"][k]).tolist() == counts["step2"]   # --subset all
+    per_side = [round(0.35 * n) for n in counts["train"]]                    # --subset auto: 35% of each class
+    assert counts["kept"] == np.bincount(ix["label"][k]).tolist() == per_side == counts["per_side"]
+    assert counts["rank"] == "ensemble"                                       # by the six classifiers' mean margin
     assert counts["train"] == np.bincount(ix["label"][train]).tolist()
     for name in ("kept_hist.png", "reliability.png", "kept_grid.png"):
         assert open(os.path.join(out, name), "rb").read(4) == b"\x89PNG"
@@ -420,9 +423,9 @@ def test_resume_ranks_k_per_side_without_retraining(run, tmp_path, capsys):
     k = ix["kept"] == 1
     assert counts["kept"] == [20, 15] == np.bincount(ix["label"][k]).tolist()
     passed = ix["reason"] != "step1"
-    for c, side in ((0, slice(None, 20)), (1, slice(-15, None))):             # the most extreme by p_eval
-        candidates = np.sort(ix["p_eval"][passed & (ix["split"] == "train") & (ix["label"] == c)])
-        assert np.array_equal(np.sort(ix["p_eval"][k & (ix["label"] == c)]), candidates[side])
+    for c, side in ((0, slice(None, 20)), (1, slice(-15, None))):             # the most extreme by --rank
+        candidates = np.sort(ix["rank_score"][passed & (ix["split"] == "train") & (ix["label"] == c)])
+        assert np.array_equal(np.sort(ix["rank_score"][k & (ix["label"] == c)]), candidates[side])
     assert set(ix["repeat"][k & (ix["label"] == 0)]) == {2} and set(ix["repeat"][~k]) == {0}
     assert len(fd.load_kept(out)["labels"]) == 2 * 20 + 15 and len(fd.load_kept(out, oversample=False)["labels"]) == 35
 

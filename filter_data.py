@@ -1006,7 +1006,8 @@ def _pair(text, kind):
     return tuple(values)
 
 
-def parse_args(argv=None):
+def build_parser():
+    """filter_data.py's command line (presets fill the flags left unset: see parse_args)."""
     parser = plumbing.OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", required=True, choices=["celeba", "folder", "csv", "digits"],
                         help="input layout (digits: scikit-learn's handwritten digits, label = slant above the median)")
@@ -1055,6 +1056,12 @@ def parse_args(argv=None):
                         help="replace a filter run in --out that used other settings (the same settings resume)")
     parser.add_argument("--threads", type=plumbing.nonnegative_int, default=0,
                         help="torch CPU threads (0: all cores, at most 8)")
+    return parser
+
+
+def parse_args(argv=None):
+    """Parse and check every flag before any work: presets fill what is unset, then one-line refusals."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     preset = PAPER_PRESET if args.paper else DIGITS_PRESET if args.data == "digits" else CPU_PRESET
     for k, v in {**preset, "flip": args.data != "digits"}.items():

@@ -199,12 +199,16 @@ def parse_config(argv=None):
     plumbing.add_dataclass_flags(parser, Config, presets, groups={"--paper": [f"--paper {d}" for d in PAPER_PRESETS],
                                                                   "--quick": [f"--quick {d}" for d in QUICK_PRESETS]})
     parser.add_argument("--cfg", action="store_const", const="free", dest="guidance", help="same as --guidance free")
+    parser.add_argument("--variance", choices=["learned", "fixed"], default="learned", help="fixed: App. J's ablation, "
+                        "the variance fixed at beta_t and L_simple (same as --no-learn-sigma --loss simple; default: learned)")
     args = parser.parse_args(argv)
+    if args.variance == "fixed":
+        args.learn_sigma, args.loss = False, args.loss or "simple"
     if args.paper and args.quick:
         parser.error("--paper is the paper's configuration and --quick a rough CPU one: pass one of them")
     data = args.data or "circles"
     values = {**PRESETS[data], **(PAPER_PRESETS[data] if args.paper else QUICK_PRESETS[data] if args.quick else {})}
-    values.update({k: v for k, v in vars(args).items() if v is not None and k not in ("paper", "quick", "print_config")})
+    values.update({k: v for k, v in vars(args).items() if v is not None and k not in ("paper", "quick", "print_config", "variance")})
     cfg = Config(**values)
     cfg.out = cfg.out or os.path.join("runs", data + ("_paper" if args.paper else "_quick" if args.quick else ""))
     if args.print_config:

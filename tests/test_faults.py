@@ -109,7 +109,6 @@ def test_kill_9_during_checkpoint_writes_ten_times_then_resume_is_exact(tmp_path
         kills += 1
         step = plumbing.load_checkpoint(str(out / "ddpm.pt"))["step"]   # the previous checkpoint always loads
         assert 1 <= step <= 40
-        assert not [f for f in os.listdir(out) if f.startswith(".tmp_")] or True   # a torn temp may remain
         proc = start(out, "--stop-at", "40", "--resume")
     proc.communicate(timeout=300)
     assert proc.returncode == 0 and kills >= 5, (kills, proc.returncode)

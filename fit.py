@@ -438,6 +438,16 @@ def draw_batch(x0, labels, batch, g, hflip=True, swap_labels=True):
     return x, (y if swap_labels else y0)
 
 
+def seconds_per_image(model, image_size, n, train=True):
+    """Wall seconds per image of one step of `model` on n random images at t = 0, timed after a warm-up step:
+    forward and backward (train) or a forward alone. The cost model behind a run's expected time."""
+    x, t = torch.randn(n, 3, image_size, image_size), torch.zeros(n, dtype=torch.long)
+    if train:
+        return plumbing.step_seconds(lambda: model(x, t).float().mean().backward()) / n
+    with torch.no_grad():
+        return plumbing.step_seconds(lambda: model(x, t)) / n
+
+
 def ddpm_loss(diffusion, x0, hflip=True, labels=None, label_dropout=0.0, swap_labels=True):
     """loss_fn for the DDPM: a random batch of training images (draw_batch), t ~ U{0..T-1}, eps ~ N(0, I),
     the terms of diffusion.training_losses (L_hybrid: Eq. 7 of App. A). hflip=False trains on exactly the

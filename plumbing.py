@@ -535,6 +535,14 @@ def timed(timings, name):
         timings[name] = timings.get(name, 0.0) + time.time() - t0
 
 
+def step_seconds(fn):
+    """Wall seconds of one call of fn, timed after one warm-up call: the cost model of a run's estimate."""
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 class Interrupted(Exception):
     """Training stopped by SIGINT/SIGTERM after writing a checkpoint (fit.py); exit_code is 130 or 143."""
 

@@ -497,11 +497,27 @@ def paper_cost_estimate(cfg, denoiser):
         unet_fwd = seconds(lambda: denoiser(x, t))
     chain = len(ddpm.space_timesteps(cfg.T, cfg.sample_respacing))
     guided = cfg.runs + len(plumbing.float_list(cfg.lambda_sweep))
-    parts = {"filter": (f.members + 2) * (f.steps * f.batch + n_images / 3) * cnn_train,  # step 1, ensemble, judge
+    parts = {"filter": filter_images(f, n_images) * cnn_train,
              "DDPM": cfg.steps * cfg.batch * unet_train,
              "classifier": cfg.runs * cfg.clf_steps * cfg.clf_batch * clf_grad,
              "sampling": cfg.n_samples * chain * ((1 + guided) * unet_fwd + guided * clf_grad)}
     return sum(parts.values()), parts
+
+
+def filter_images(f, n_images):
+    """Image passes (forward + backward) of a fresh filter run: step 1, the ensemble and the judge train
+    f.steps batches each and score the images (a forward: about a third of a training pass)."""
+    return (f.members + 2) * (f.steps * f.batch + n_images / 3)
+
+
+def filter_seconds(cfg):
+    """Expected seconds of a fresh filter run on this CPU: filter_images times one timed training step of
+    its SmallCNN at its batch size (after a warm-up step), per image."""
+    f = filter_data.parse_args(filter_argv(cfg))
+    n_images = len(filter_data.read_dataset(f)["labels"])
+    cnn = filter_data.SmallCNN(image_size=f.size, width=f.width)
+    x = torch.randn(f.batch, 3, f.size, f.size)
+    return filter_images(f, n_images) * plumbing.step_seconds(lambda: cnn(x).float().mean().backward()) / f.batch
 
 
 def check_hardware(cfg, denoiser):

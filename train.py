@@ -163,8 +163,7 @@ DATA = {"circles": dict(region="train", classes=2, flip_swaps_label=True, hflip=
         "corners": dict(region="corners", classes=4, flip_swaps_label=True, hflip=True), **real_images.DATA}
 CFG_SWEEP = "0,1,3,10,30"  # the lambda sweep of a --guidance free run when --lambda-sweep is not given
 
-# The dataclass defaults are the circles CPU preset: 1000 DDPM steps and lambda = 60 per class where the
-# paper trains 30k steps and guides with 30; why, measured on 2 CPU cores: docs/RESULTS.md, "Speed".
+# The dataclass defaults are the circles CPU preset (1000 DDPM steps, lambda = 60,60; why: docs/RESULTS.md).
 PRESETS = {"circles": {},
            "corners": dict(lambdas="30,30,30,30"),  # App. F: "lambda = 30 across all classes"
            **real_images.PRESETS}
@@ -179,8 +178,7 @@ PAPER_PRESETS = {
                     n_samples=1000, sample_batch=250, clf="paper", clf_steps=3000, clf_lr=3e-4, runs=10),
     **real_images.PAPER_PRESETS}
 PAPER_PRESETS["corners"] = dict(PAPER_PRESETS["circles"], lambdas="30,30,30,30")  # same numbers, 4 classes
-# --quick: a first complete result in a few minutes on a laptop CPU (fewer steps and samples, no App. K
-# regressor); the numbers are rougher than the default's. The times are in docs/RESULTS.md.
+# --quick: a first complete result in minutes on a laptop CPU (fewer steps and samples, no App. K regressor).
 QUICK_PRESETS = {"circles": dict(steps=600, clf_steps=200, regressor_steps=0, n_samples=128),
                  **real_images.QUICK_PRESETS}
 QUICK_PRESETS["corners"] = dict(QUICK_PRESETS["circles"], lambdas="30,30,30,30")
@@ -656,11 +654,31 @@ def run(cfg, experiment):
     return results
 
 
+def say_expected_time(cfg):
+    """Before a fresh run on the CPU, its expected wall time here: fit.seconds_per_image of each network at the
+    run's batch sizes times its steps, plus the sampling and, for real images, the filter."""
+    if plumbing.check_device(cfg.device).type != "cpu" or cfg.resume or cfg.stop_at or "paper" in (cfg.unet, cfg.clf):
+        return
+    plumbing.set_threads(cfg.threads)
+    denoiser, s, n = build_ddpm(cfg)[0], cfg.image_size, min(cfg.sample_batch, cfg.n_samples)
+    clf = classifier.build_classifier(cfg.clf, image_size=s, num_classes=DATA[cfg.data]["classes"])
+    guided, chain = cfg.runs + len(plumbing.float_list(cfg.lambda_sweep)), len(ddpm.space_timesteps(cfg.T, cfg.sample_respacing))
+    clf_steps = cfg.runs * cfg.clf_steps + cfg.regressor_steps * (cfg.data in ("circles", "corners"))
+    seconds = (cfg.steps * cfg.batch * fit.seconds_per_image(denoiser, s, cfg.batch)
+               + clf_steps * cfg.clf_batch * fit.seconds_per_image(clf, s, cfg.clf_batch)
+               + cfg.n_samples * chain * ((1 + guided) * fit.seconds_per_image(denoiser, s, n, train=False)
+                                          + guided * fit.seconds_per_image(clf, s, n)))
+    seconds += real_images.filter_seconds(cfg) if cfg.data in real_images.DATA_NAMES else 0.0
+    print(f"expected time on this CPU: about {real_images.duration(seconds)} (from one timed step of each network)")
+
+
 def main(argv=None):
     cfg = parse_config(argv)
     real = cfg.data in real_images.DATA_NAMES
     if real:  # without a GPU: say what the CPU preset is; the paper's networks get an estimate first
         real_images.check_hardware(cfg, build_ddpm(cfg)[0])
+    if int(os.environ.get("RANK", 0)) == 0:
+        say_expected_time(cfg)
         if cfg.precision == "fp16" and cfg.force and plumbing.check_device(cfg.device).type != "cuda":
             print("--force on the CPU: --precision fp16 needs CUDA; using fp32")
             cfg.precision = "fp32"

@@ -26,23 +26,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import plumbing  # noqa: E402
-
-
-def draw_face(c, size=48, rng=None):
-    """A grey face on a dark background: a disc head, two eyes, a mouth arc of curvature c in [-1, 1]
-    (c = 1 a broad smile, -1 a frown, 0 a straight line), with a little pixel noise. uint8 (S, S, 3)."""
-    rng = rng or np.random.default_rng(0)
-    img = np.full((size, size, 3), 30, np.uint8)
-    s = size / 48
-    cv2.circle(img, (size // 2, size // 2), int(20 * s), (200, 190, 170), -1)
-    for ex in (-7, 7):
-        cv2.circle(img, (size // 2 + int(ex * s), size // 2 - int(6 * s)), max(1, int(2 * s)), (40, 40, 40), -1)
-    xs = np.linspace(-9, 9, 30) * s
-    ys = size // 2 + 7 * s + c * 5 * s * (1 - (xs / (9 * s)) ** 2)     # rows grow down: c > 0 sags in the middle
-    pts = np.stack([size // 2 + xs, ys], axis=1).round().astype(np.int32)
-    cv2.polylines(img, [pts], False, (60, 20, 20), max(1, int(2 * s)))
-    noise = rng.normal(0, 6, img.shape)
-    return np.clip(img + noise, 0, 255).astype(np.uint8)
+from benchmarks.filter_mild import draw_face  # noqa: E402  (the same faces: mouth curvature c)
 
 
 def write_folder(root, n=200, size=48, seed=0):

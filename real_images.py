@@ -33,13 +33,10 @@ import json
 import math
 import os
 import shlex
-import time
 
 import numpy as np
 import torch
 
-import classifier
-import ddpm
 import digits
 import evaluate
 import filter_data
@@ -474,55 +471,26 @@ def duration(seconds):
             else f"{seconds / 60:.0f} min")
 
 
-def paper_cost_estimate(cfg, denoiser):
-    """(seconds, {stage: seconds}) the run would take on this machine's CPU: ONE timed step at batch 1 of each
-    network (training = forward + backward; sampling = a forward, plus the classifier's gradient when guided)
-    times the run's steps, batch sizes, images and samples. One step at batch 1: an order of magnitude."""
-    plumbing.set_threads(cfg.threads)
-    f = filter_data.parse_args(filter_argv(cfg))
-    n_images = len(filter_data.read_dataset(f)["labels"])
-    clf = classifier.build_classifier(cfg.clf, image_size=cfg.image_size, num_classes=2)
-    cnn = filter_data.SmallCNN(image_size=cfg.image_size, width=f.width)
-    x, t = torch.randn(1, 3, cfg.image_size, cfg.image_size), torch.zeros(1, dtype=torch.long)
-
-    def seconds(fn):
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-
-    unet_train = seconds(lambda: denoiser(x, t).float().mean().backward())
-    clf_grad = seconds(lambda: clf(x, t).float().mean().backward())  # a training step ~ one guidance gradient
-    cnn_train = seconds(lambda: cnn(x).float().mean().backward())
-    with torch.no_grad():
-        unet_fwd = seconds(lambda: denoiser(x, t))
-    chain = len(ddpm.space_timesteps(cfg.T, cfg.sample_respacing))
-    guided = cfg.runs + len(plumbing.float_list(cfg.lambda_sweep))
-    parts = {"filter": filter_images(f, n_images) * cnn_train,
-             "DDPM": cfg.steps * cfg.batch * unet_train,
-             "classifier": cfg.runs * cfg.clf_steps * cfg.clf_batch * clf_grad,
-             "sampling": cfg.n_samples * chain * ((1 + guided) * unet_fwd + guided * clf_grad)}
-    return sum(parts.values()), parts
-
-
 def filter_images(f, n_images):
     """Image passes (forward + backward) of a fresh filter run: step 1, the ensemble and the judge train
     f.steps batches each and score the images (a forward: about a third of a training pass)."""
     return (f.members + 2) * (f.steps * f.batch + n_images / 3)
 
 
-def filter_seconds(cfg):
-    """Expected seconds of a fresh filter run on this CPU: filter_images times one timed training step of
-    its SmallCNN at its batch size (after a warm-up step), per image."""
+def filter_seconds(cfg, at_batch_1=False):
+    """Expected seconds of a fresh filter run on this CPU: filter_images times one timed training step of its
+    SmallCNN (after a warm-up step) per image, at its batch size or at batch 1 (train.cost_estimate)."""
     f = filter_data.parse_args(filter_argv(cfg))
-    n_images = len(filter_data.read_dataset(f)["labels"])
+    n_images, batch = len(filter_data.read_dataset(f)["labels"]), 1 if at_batch_1 else f.batch
     cnn = filter_data.SmallCNN(image_size=f.size, width=f.width)
-    x = torch.randn(f.batch, 3, f.size, f.size)
-    return filter_images(f, n_images) * plumbing.step_seconds(lambda: cnn(x).float().mean().backward()) / f.batch
+    x = torch.randn(batch, 3, f.size, f.size)
+    return filter_images(f, n_images) * plumbing.step_seconds(lambda: cnn(x).float().mean().backward()) / batch
 
 
-def check_hardware(cfg, denoiser):
-    """Without CUDA: the CPU preset says it is smoke scale; the paper's networks get a time estimate and a
-    refusal (unless --force, which also drops fp16 to fp32)."""
+def check_hardware(cfg, estimate):
+    """Without CUDA: the CPU preset says it is smoke scale; the paper's networks get a time estimate, from
+    estimate() -> (seconds, {stage: seconds}) (train.cost_estimate at batch 1), and a refusal (unless
+    --force, which also drops fp16 to fp32)."""
     gpu = torch.cuda.is_available() and cfg.device != "cpu"
     if not gpu and "paper" not in (cfg.unet, cfg.clf) and cfg.data == "digits":
         print("no GPU: the digits' CPU preset is this experiment's own configuration (16 x 16 digits); the paper's "
@@ -533,7 +501,7 @@ def check_hardware(cfg, denoiser):
               "classifier (App. C); add --paper to get this machine's estimate for it (the run then stops).")
     if "paper" not in (cfg.unet, cfg.clf) or gpu:
         return
-    total, parts = paper_cost_estimate(cfg, denoiser)
+    total, parts = estimate()
     msg = (f"train.py: the paper's configuration without a GPU would take about {duration(total)} on this "
            f"machine ({', '.join(f'{k} {duration(v)}' for k, v in parts.items())}; estimated from one timed "
            f"step at batch 1 of each network here, not from a run; the paper, App. C: about 20 h for the DDPM on "

@@ -654,34 +654,35 @@ def run(cfg, experiment):
     return results
 
 
-def say_expected_time(cfg):
-    """Before a fresh run on the CPU, its expected wall time here: fit.seconds_per_image of each network at the
-    run's batch sizes times its steps, plus the sampling and, for real images, the filter."""
-    if plumbing.check_device(cfg.device).type != "cpu" or cfg.resume or cfg.stop_at or "paper" in (cfg.unet, cfg.clf):
-        return
+def cost_estimate(cfg, denoiser, at_batch_1=False):
+    """(seconds, {stage: seconds}) of a fresh run on this CPU: fit.seconds_per_image of each network (after a
+    warm-up step) at the run's batch sizes, or at batch 1 for the paper's networks (an order of magnitude),
+    times its steps and samples; for real images also the filter (real_images.filter_seconds)."""
     plumbing.set_threads(cfg.threads)
-    denoiser, s, n = build_ddpm(cfg)[0], cfg.image_size, min(cfg.sample_batch, cfg.n_samples)
+    s, b = cfg.image_size, (lambda n: 1) if at_batch_1 else (lambda n: n)
     clf = classifier.build_classifier(cfg.clf, image_size=s, num_classes=DATA[cfg.data]["classes"])
     guided, chain = cfg.runs + len(plumbing.float_list(cfg.lambda_sweep)), len(ddpm.space_timesteps(cfg.T, cfg.sample_respacing))
-    clf_steps = cfg.runs * cfg.clf_steps + cfg.regressor_steps * (cfg.data in ("circles", "corners"))
-    seconds = (cfg.steps * cfg.batch * fit.seconds_per_image(denoiser, s, cfg.batch)
-               + clf_steps * cfg.clf_batch * fit.seconds_per_image(clf, s, cfg.clf_batch)
-               + cfg.n_samples * chain * ((1 + guided) * fit.seconds_per_image(denoiser, s, n, train=False)
-                                          + guided * fit.seconds_per_image(clf, s, n)))
-    seconds += real_images.filter_seconds(cfg) if cfg.data in real_images.DATA_NAMES else 0.0
-    print(f"expected time on this CPU: about {real_images.duration(seconds)} (from one timed step of each network)")
+    clf_steps, n = cfg.runs * cfg.clf_steps + cfg.regressor_steps * (cfg.data in ("circles", "corners")), b(min(cfg.sample_batch, cfg.n_samples))
+    parts = {"DDPM": cfg.steps * cfg.batch * fit.seconds_per_image(denoiser, s, b(cfg.batch)),
+             "classifier": clf_steps * cfg.clf_batch * fit.seconds_per_image(clf, s, b(cfg.clf_batch)),  # ~ a guidance gradient
+             "sampling": cfg.n_samples * chain * ((1 + guided) * fit.seconds_per_image(denoiser, s, n, train=False)
+                                                  + guided * fit.seconds_per_image(clf, s, n))}
+    if cfg.data in real_images.DATA_NAMES:
+        parts["filter"] = real_images.filter_seconds(cfg, at_batch_1)
+    return sum(parts.values()), parts
 
 
 def main(argv=None):
     cfg = parse_config(argv)
     real = cfg.data in real_images.DATA_NAMES
     if real:  # without a GPU: say what the CPU preset is; the paper's networks get an estimate first
-        real_images.check_hardware(cfg, build_ddpm(cfg)[0])
-    if int(os.environ.get("RANK", 0)) == 0:
-        say_expected_time(cfg)
+        real_images.check_hardware(cfg, lambda: cost_estimate(cfg, build_ddpm(cfg)[0], at_batch_1=True))
         if cfg.precision == "fp16" and cfg.force and plumbing.check_device(cfg.device).type != "cuda":
             print("--force on the CPU: --precision fp16 needs CUDA; using fp32")
             cfg.precision = "fp32"
+    if plumbing.check_device(cfg.device).type == "cpu" and not (cfg.resume or cfg.stop_at or "paper" in (cfg.unet, cfg.clf)
+                                                             or int(os.environ.get("RANK", 0))):  # a fresh CPU run
+        print(f"expected time on this CPU: about {real_images.duration(cost_estimate(cfg, build_ddpm(cfg)[0])[0])}")
     r = run(cfg, run_real_images if real else run_circles)
     if r is None and cfg.stop_at:
         argv = sys.argv[1:] if argv is None else list(argv)

@@ -120,7 +120,7 @@ class Config:
     # --- noisy guidance classifier (Sec. 4.2, 5.5) ---
     clf: str = field(default="cpu", metadata={"help": "classifier preset in classifier.py",
                                               "choices": sorted(classifier.PRESETS)})
-    clf_steps: int = field(default=500, metadata={"help": "classifier training steps"})
+    clf_steps: int = field(default=300, metadata={"help": "classifier training steps"})
     clf_lr: float = field(default=3e-4, metadata={"help": "classifier AdamW learning rate"})
     clf_batch: int = field(default=64, metadata={"help": "classifier batch size"})
     spectral_norm: bool = field(default=False, metadata={"help": "spectral normalisation in the classifier (Sec. 5.5)"})
@@ -163,7 +163,8 @@ DATA = {"circles": dict(region="train", classes=2, flip_swaps_label=True, hflip=
         "corners": dict(region="corners", classes=4, flip_swaps_label=True, hflip=True), **real_images.DATA}
 CFG_SWEEP = "0,1,3,10,30"  # the lambda sweep of a --guidance free run when --lambda-sweep is not given
 
-# The dataclass defaults are the circles CPU preset (1000 DDPM steps, lambda = 60,60; why: docs/RESULTS.md).
+# The dataclass defaults are the circles CPU preset (1000 DDPM steps, a 300-step classifier, lambda = 60,60;
+# why: docs/RESULTS.md).
 PRESETS = {"circles": {},
            "corners": dict(lambdas="30,30,30,30"),  # App. F: "lambda = 30 across all classes"
            **real_images.PRESETS}

@@ -150,3 +150,35 @@ def test_autocast_dtype_of_each_precision(precision):
     with plumbing.autocast(precision, "cpu"):
         y = torch.nn.Linear(2, 2)(torch.ones(1, 2))
     assert y.dtype == {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+
+def test_fit_optimizer_is_adamw_in_closed_form_and_ema_lerps_every_tensor():
+    """fit's optimizer (fused AdamW on the CPU) after two steps with given gradients equals AdamW written
+    out in float64: m = b1 m + (1 - b1) g, v = b2 v + (1 - b2) g^2, p <- p (1 - lr wd) - lr m^ / (sqrt(v^) + eps)
+    with m^ = m / (1 - b1^k), v^ = v / (1 - b2^k); the multi-tensor EMA update equals decay * ema +
+    (1 - decay) * theta for every tensor."""
+    lr, wd, b1, b2, eps = 1e-2, 0.01, 0.9, 0.999, 1e-8
+    torch.manual_seed(0)
+    params = [torch.randn(7, 5, requires_grad=True), torch.randn(3, requires_grad=True)]
+    grads = [[torch.randn_like(p) for p in params] for _ in range(2)]
+    opt = fit.make_optimizer(params, fit.FitSettings(steps=2, batch=1, lr=lr, weight_decay=wd), torch.device("cpu"))
+    assert opt.defaults["fused"]
+    want = [p.detach().double().clone() for p in params]
+    m, v = [torch.zeros_like(w) for w in want], [torch.zeros_like(w) for w in want]
+    for k, gs in enumerate(grads, start=1):
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+        for i, g in enumerate(gs):
+            g = g.double()
+            m[i] = b1 * m[i] + (1 - b1) * g
+            v[i] = b2 * v[i] + (1 - b2) * g * g
+            want[i] = want[i] * (1 - lr * wd) - lr * (m[i] / (1 - b1 ** k)) / ((v[i] / (1 - b2 ** k)).sqrt() + eps)
+    for p, w in zip(params, want):
+        torch.testing.assert_close(p.detach().double(), w, rtol=0, atol=1e-6)
+    ema, model = fit._copy_for_ema(unet.build_unet("tiny")), unet.build_unet("tiny")
+    expected = [0.9 * pe.double() + 0.1 * pm.double() for pe, pm in zip(ema.parameters(), model.parameters())]
+    fit._update_ema(ema, model, 0.9)
+    for pe, w in zip(ema.parameters(), expected):
+        torch.testing.assert_close(pe.double(), w, rtol=0, atol=1e-6)

@@ -84,7 +84,7 @@ class Config:
     learn_sigma: bool = field(default=True, metadata={"help": "learned variance (Eq. 8)"})
     loss: str = field(default="hybrid", metadata={"help": "training loss", "choices": ["hybrid", "simple", "kl"]})
     train_respacing: str = field(default="", metadata={"help": "train on a respaced chain ('' = all T steps)"})
-    steps: int = field(default=1000, metadata={"help": "DDPM training steps"})
+    steps: int = field(default=950, metadata={"help": "DDPM training steps"})
     batch: int = field(default=64, metadata={"help": "global batch size"})
     lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
     warmup: int = field(default=100, metadata={"help": "linear learning-rate warm-up steps"})
@@ -103,7 +103,7 @@ class Config:
     sample_respacing: str = field(default="50", metadata={"help": "sampling steps, e.g. 50, 250, ddim50"})
     sampler: str = field(default="ddpm", metadata={"help": "reverse process", "choices": ["ddpm", "ddim"]})
     n_samples: int = field(default=256, metadata={"help": "samples per evaluation (the paper: 1000)"})
-    sample_batch: int = field(default=128, metadata={"help": "images per sampling batch"})
+    sample_batch: int = field(default=256, metadata={"help": "images per sampling batch"})
     lambdas: str = field(default="60,60", metadata={"help": "multi-guidance weights, one per class (left,right; "
                                                  "corners: quadrants 0-3, row-major)"})
     lambda_sweep: str = field(default="", metadata={"help": "also evaluate these equal weights, e.g. 0,10,30,60 "
@@ -126,7 +126,7 @@ class Config:
     spectral_norm: bool = field(default=False, metadata={"help": "spectral normalisation in the classifier (Sec. 5.5)"})
     runs: int = field(default=1, metadata={"help": "classifiers with different seeds, one DDPM (the paper: 10)"})
     heatmap_t: int = field(default=0, metadata={"help": "chain step of the classifier heatmap (Fig. 7b)"})
-    regressor_steps: int = field(default=200, metadata={"help": "App. K evaluator: training steps of the centre "
+    regressor_steps: int = field(default=150, metadata={"help": "App. K evaluator: training steps of the centre "
                                                         "regressor on circles at every position (0 = none)"})
     # --- run control (not part of a run's identity) ---
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its checkpoints"})
@@ -163,8 +163,8 @@ DATA = {"circles": dict(region="train", classes=2, flip_swaps_label=True, hflip=
         "corners": dict(region="corners", classes=4, flip_swaps_label=True, hflip=True), **real_images.DATA}
 CFG_SWEEP = "0,1,3,10,30"  # the lambda sweep of a --guidance free run when --lambda-sweep is not given
 
-# The dataclass defaults are the circles CPU preset (1000 DDPM steps, a 300-step classifier, lambda = 60,60;
-# why: docs/RESULTS.md).
+# The dataclass defaults are the circles CPU preset (950 DDPM steps, a 300-step classifier, a 150-step App. K
+# regressor, lambda = 60,60, 256 samples in one batch; why: docs/RESULTS.md).
 PRESETS = {"circles": {},
            "corners": dict(lambdas="30,30,30,30"),  # App. F: "lambda = 30 across all classes"
            **real_images.PRESETS}

@@ -69,8 +69,7 @@ def parse_args(argv):
                             "--out and --resume are refused there; pass --overwrite to reuse an --out.",
                      allow_abbrev=False)
     parser.add_argument("--out", default="runs/circles_targets",
-                        help="output folder of train.py, with --seeds DIR/seedS per seed "
-                             "(default: runs/circles_targets)")
+                        help="output folder of train.py, with --seeds DIR/seedS per seed")
     parser.add_argument("--runs", type=int, default=None,
                         help="passed to train.py: classifiers per DDPM (default: train.py's, 1)")
     parser.add_argument("--seeds", default=None,

@@ -156,34 +156,41 @@ BAD_KINDS = ("no circle", "two or more circles", "blob (over 2x a disc's area)",
              "cut at the edge")
 
 
-def bad_kinds(images, threshold=127):
-    """Why samples go wrong: counts of each kind in BAD_KINDS over a uint8 (N, S, S, 3) batch, plus "good".
+def bad_kind(image, threshold=127, disc=None):
+    """The kind of one uint8 (S, S, 3) sample: an entry of BAD_KINDS, or "good".
 
-    A drawn disc of the data set has a known pixel area A (5 at 32 x 32, 13 at 64 x 64). The first two
-    kinds are the paper's bad samples (0 or >= 2 blobs); the other three are single blobs that the
-    accuracy still counts but that are not clean discs: area > 2 A (a smear or two discs merged), area
-    < A / 2 (a faint speck), or a centre within the disc's radius of the image border.
+    A drawn disc of the data set has a known pixel area A (5 at 32 x 32, 13 at 64 x 64; pass it as
+    `disc` to skip drawing one per call). The first two kinds are the paper's bad samples (0 or >= 2
+    blobs of at least default_min_area pixels); the other three are single blobs that the accuracy
+    still counts but that are not clean discs: area > 2 A (a smear or two discs merged), area < A / 2
+    (a faint speck), or a centre within the disc's radius of the image border.
     """
-    size = images.shape[1]
+    size = image.shape[1]
     r = default_radius(size)
-    disc = int((draw_disc(size, size // 2, size // 2, r)[:, :, 0] > 0).sum())
+    if disc is None:
+        disc = int((draw_disc(size, size // 2, size // 2, r)[:, :, 0] > 0).sum())
+    big = [f for f in detect_circles(image, threshold, min_area=1) if f[2] >= default_min_area(size)]
+    if not big:
+        return BAD_KINDS[0]
+    if len(big) > 1:
+        return BAD_KINDS[1]
+    if big[0][2] > 2 * disc:
+        return BAD_KINDS[2]
+    if big[0][2] < disc / 2:
+        return BAD_KINDS[3]
+    if min(big[0][0], big[0][1], size - 1 - big[0][0], size - 1 - big[0][1]) < r:
+        return BAD_KINDS[4]
+    return "good"
+
+
+def bad_kinds(images, threshold=127):
+    """Why samples go wrong: counts of each kind in BAD_KINDS (bad_kind) over a uint8 (N, S, S, 3)
+    batch, plus "good"."""
+    size = images.shape[1]
+    disc = int((draw_disc(size, size // 2, size // 2, default_radius(size))[:, :, 0] > 0).sum())
     counts = dict.fromkeys(BAD_KINDS + ("good",), 0)
     for image in images:
-        found = detect_circles(image, threshold, min_area=1)
-        big = [f for f in found if f[2] >= default_min_area(size)]
-        if not big:
-            kind = BAD_KINDS[0]
-        elif len(big) > 1:
-            kind = BAD_KINDS[1]
-        elif big[0][2] > 2 * disc:
-            kind = BAD_KINDS[2]
-        elif big[0][2] < disc / 2:
-            kind = BAD_KINDS[3]
-        elif min(big[0][0], big[0][1], size - 1 - big[0][0], size - 1 - big[0][1]) < r:
-            kind = BAD_KINDS[4]
-        else:
-            kind = "good"
-        counts[kind] += 1
+        counts[bad_kind(image, threshold, disc)] += 1
     return counts
 
 

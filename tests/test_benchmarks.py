@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from benchmarks import bench_guidance, bench_memorization, circles_targets
@@ -152,3 +153,59 @@ def test_bench_memorization_small_run_and_its_memory_bound(tmp_path):
     with pytest.raises(SystemExit) as e:
         bench_memorization.parse_args(["--ref-chunk", "0"])
     assert e.value.code == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# bad_samples.py: when along the chain a sample goes bad (issue: why samples go bad)
+# ----------------------------------------------------------------------------------------------
+
+def test_bad_samples_went_bad_phases_on_hand_made_chains():
+    """Three samples over four steps (t = 900, 600, 300, 0 of T = 1000): A holds one circle until
+    t = 600, then none: it went bad in the middle; B never holds one; C ends with one (good)."""
+    from benchmarks import bad_samples
+    import evaluate
+    none, two, one = evaluate.BAD_KINDS[0], evaluate.BAD_KINDS[1], "good"
+    kinds = np.array([[one, none, one], [one, two, two], [none, none, one], [none, two, one]])
+    final = np.zeros((3, 16, 16, 3), dtype=np.uint8)
+    final[2] = evaluate.draw_disc(16, 8, 8, evaluate.default_radius(16))
+    s = bad_samples.summarize(kinds, [900, 600, 300, 0], final, 1000)
+    assert s["went_bad"] == {"early": 0, "middle": 1, "late": 0, "never one": 1}
+    assert s["per_step"]["one circle"] == pytest.approx([2 / 3, 1 / 3, 1 / 3, 1 / 3])
+    assert s["per_step"]["two or more"] == pytest.approx([0, 2 / 3, 0, 1 / 3])
+    assert s["per_step"]["no circle"] == pytest.approx([1 / 3, 0, 2 / 3, 1 / 3])
+    assert s["final"][none] == 2 and s["final"]["good"] == 1 and s["n"] == 3
+    assert [bad_samples.phase(t, 1000) for t in (999, 667, 666, 334, 333, 0)] == \
+        ["early", "early", "middle", "middle", "late", "late"]
+
+
+def test_bad_samples_smoke_reproduces_the_sampler(tmp_path):
+    """On a tiny run: the chain's finished samples are multiguide.sample's (same seed, one batch), the
+    final kinds are evaluate.bad_kinds of them, each step's shares sum to 1, and every finished bad
+    sample is counted once in 'went bad'."""
+    import evaluate
+    import multiguide
+    import plumbing
+    from benchmarks import bad_samples
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--data", "circles", *TINY_TRAIN,
+                        "--out", str(run)], capture_output=True, text=True, timeout=300, env=ENV, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_script("bad_samples.py", str(run), "--n-samples", "6", "--threads", "1", "--out", str(tmp_path / "b"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "went bad" in r.stdout and (tmp_path / "b" / "bad_samples.png").stat().st_size > 0
+    rec = json.loads((tmp_path / "b" / "bad_samples.json").read_text())["runs"][str(run)]
+    model, d, clf = multiguide.load_models(str(run / "ddpm.pt"), str(run / "classifier0.pt"))
+    for name, lambdas in (("unguided", [0.0, 0.0]), ("guided", [60.0, 60.0])):
+        s = rec[name]
+        assert s["lambdas"] == lambdas and s["n"] == 6 and len(s["t"]) == 5 and s["t"][0] > s["t"][-1] == 0
+        for k in range(5):
+            assert sum(s["per_step"][c][k] for c in bad_samples.COUNTS) == pytest.approx(1.0)
+        want = plumbing.to_uint8(multiguide.sample(model, d, 6, classifier=clf, lambdas=lambdas, respacing="5",
+                                                   batch=6, seed=0, progress=False))
+        assert s["final"] == evaluate.bad_kinds(want)
+        bad = s["final"][evaluate.BAD_KINDS[0]] + s["final"][evaluate.BAD_KINDS[1]]
+        assert sum(s["went_bad"].values()) == bad
+    r = run_script("bad_samples.py", str(run), "--out", str(tmp_path / "b"))       # outputs there: refused
+    assert r.returncode != 0 and "--overwrite" in r.stderr and "Traceback" not in r.stderr
+    r = run_script("bad_samples.py", str(tmp_path), "--out", str(tmp_path / "c"))  # not a run folder
+    assert r.returncode != 0 and "config.json" in r.stderr and "Traceback" not in r.stderr

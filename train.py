@@ -163,8 +163,7 @@ DATA = {"circles": dict(region="train", classes=2, flip_swaps_label=True, hflip=
         "corners": dict(region="corners", classes=4, flip_swaps_label=True, hflip=True), **real_images.DATA}
 CFG_SWEEP = "0,1,3,10,30"  # the lambda sweep of a --guidance free run when --lambda-sweep is not given
 
-# The dataclass defaults are the circles CPU preset (950 DDPM steps, a 300-step classifier, a 150-step App. K
-# regressor, lambda = 60,60, 256 samples in one batch; why: docs/RESULTS.md).
+# The dataclass defaults are the circles CPU preset (950 DDPM steps, lambda = 60,60; why: docs/RESULTS.md).
 PRESETS = {"circles": {},
            "corners": dict(lambdas="30,30,30,30"),  # App. F: "lambda = 30 across all classes"
            **real_images.PRESETS}

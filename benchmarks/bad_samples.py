@@ -143,6 +143,10 @@ def parse_args(argv=None):
         for name in ("config.json", "ddpm.pt", "classifier0.pt"):
             if not os.path.isfile(os.path.join(run, name)):
                 p.error(f"RUN {run}: no {name}; expected a train.py --data circles run folder")
+        cfg = plumbing.read_json(os.path.join(run, "config.json"), "run config")
+        data = cfg.get("data") if isinstance(cfg, dict) else None
+        if data not in ("circles", "corners"):
+            p.error(f"RUN {run}: a --data {data} run; the circle detector sorts circles and corners runs only")
     if args.lambdas:
         try:
             plumbing.float_list(args.lambdas)

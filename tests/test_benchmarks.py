@@ -209,3 +209,9 @@ def test_bad_samples_smoke_reproduces_the_sampler(tmp_path):
     assert r.returncode != 0 and "--overwrite" in r.stderr and "Traceback" not in r.stderr
     r = run_script("bad_samples.py", str(tmp_path), "--out", str(tmp_path / "c"))  # not a run folder
     assert r.returncode != 0 and "config.json" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "d").mkdir()
+    for name in ("ddpm.pt", "classifier0.pt"):
+        (tmp_path / "d" / name).write_bytes((run / name).read_bytes())
+    (tmp_path / "d" / "config.json").write_text(json.dumps({"data": "digits"}))
+    r = run_script("bad_samples.py", str(tmp_path / "d"), "--out", str(tmp_path / "e"))  # not circles
+    assert r.returncode != 0 and "--data digits" in r.stderr and "Traceback" not in r.stderr

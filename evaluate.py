@@ -48,6 +48,7 @@ Run:  python evaluate.py circles --samples out/samples.npz --out out/eval
       python evaluate.py loss-by-t --ddpm runs/circles/ddpm.pt runs/circles_dit/ddpm.pt --train circles --out out/loss
 """
 import argparse
+import functools
 import io
 import math
 import os
@@ -70,14 +71,20 @@ from toy_circles import MIDDLE_BAND, default_radius, draw_disc, grid_positions, 
 # ----------------------------------------------------------------------------------------------
 # Circles: detector and accuracy (Section 5.5)
 
+@functools.lru_cache(maxsize=None)
+def disc_area(size):
+    """Pixels of one disc as the data set draws it at side `size` (radius default_radius(size)):
+    13 at 64, 5 at 32, 1 at 16. Drawn once per size."""
+    return int((draw_disc(size, size // 2, size // 2, default_radius(size))[:, :, 0] > 0).sum())
+
+
 def default_min_area(size):
     """Smallest blob kept as a circle: max(2, round(0.3 pi r^2)) with r = 2 S / 64, never more than
     the pixel count of a drawn disc. 4 pixels at S = 64 (a disc has 13), 2 at 32 (a disc has 5),
     1 at 16 (a disc is one pixel, so there single-pixel noise counts as a circle). Isolated bright
     pixels are thus not counted as circles at 64 and 32."""
     r = default_radius(size)
-    disc_pixels = int((draw_disc(size, size // 2, size // 2, r)[:, :, 0] > 0).sum())
-    return min(disc_pixels, max(2, round(0.3 * math.pi * r * r)))
+    return min(disc_area(size), max(2, round(0.3 * math.pi * r * r)))
 
 
 def detect_circles(image, threshold=127, min_area=None):
@@ -156,19 +163,16 @@ BAD_KINDS = ("no circle", "two or more circles", "blob (over 2x a disc's area)",
              "cut at the edge")
 
 
-def bad_kind(image, threshold=127, disc=None):
+def bad_kind(image, threshold=127):
     """The kind of one uint8 (S, S, 3) sample: an entry of BAD_KINDS, or "good".
 
-    A drawn disc of the data set has a known pixel area A (5 at 32 x 32, 13 at 64 x 64; pass it as
-    `disc` to skip drawing one per call). The first two kinds are the paper's bad samples (0 or >= 2
-    blobs of at least default_min_area pixels); the other three are single blobs that the accuracy
-    still counts but that are not clean discs: area > 2 A (a smear or two discs merged), area < A / 2
-    (a faint speck), or a centre within the disc's radius of the image border.
+    A drawn disc of the data set has a known pixel area A = disc_area(S) (5 at 32 x 32, 13 at 64 x 64).
+    The first two kinds are the paper's bad samples (0 or >= 2 blobs of at least default_min_area
+    pixels); the other three are single blobs that the accuracy still counts but that are not clean
+    discs: area > 2 A (a smear or two discs merged), area < A / 2 (a faint speck), or a centre within
+    the disc's radius of the image border.
     """
-    size = image.shape[1]
-    r = default_radius(size)
-    if disc is None:
-        disc = int((draw_disc(size, size // 2, size // 2, r)[:, :, 0] > 0).sum())
+    size, disc = image.shape[1], disc_area(image.shape[1])
     big = [f for f in detect_circles(image, threshold, min_area=1) if f[2] >= default_min_area(size)]
     if not big:
         return BAD_KINDS[0]
@@ -178,7 +182,7 @@ def bad_kind(image, threshold=127, disc=None):
         return BAD_KINDS[2]
     if big[0][2] < disc / 2:
         return BAD_KINDS[3]
-    if min(big[0][0], big[0][1], size - 1 - big[0][0], size - 1 - big[0][1]) < r:
+    if min(big[0][0], big[0][1], size - 1 - big[0][0], size - 1 - big[0][1]) < default_radius(size):
         return BAD_KINDS[4]
     return "good"
 
@@ -186,11 +190,9 @@ def bad_kind(image, threshold=127, disc=None):
 def bad_kinds(images, threshold=127):
     """Why samples go wrong: counts of each kind in BAD_KINDS (bad_kind) over a uint8 (N, S, S, 3)
     batch, plus "good"."""
-    size = images.shape[1]
-    disc = int((draw_disc(size, size // 2, size // 2, default_radius(size))[:, :, 0] > 0).sum())
     counts = dict.fromkeys(BAD_KINDS + ("good",), 0)
     for image in images:
-        counts[bad_kind(image, threshold, disc)] += 1
+        counts[bad_kind(image, threshold)] += 1
     return counts
 
 

@@ -58,7 +58,6 @@ def chain_kinds(model, d, n, lambdas, classifier, respacing, seed, device):
     g = torch.Generator(device=device).manual_seed(seed)
     C, S = model.config["in_channels"], model.config["image_size"]
     x = torch.randn((n, C, S, S), generator=g, device=device)
-    disc = int((evaluate.draw_disc(S, S // 2, S // 2, evaluate.default_radius(S))[:, :, 0] > 0).sum())
     kinds, ts = [], []
     for i in range(diffusion.num_timesteps - 1, -1, -1):
         t = torch.full((n,), i, dtype=torch.long, device=device)
@@ -66,7 +65,7 @@ def chain_kinds(model, d, n, lambdas, classifier, respacing, seed, device):
         out = diffusion.p_sample(net, x, t, cond_fn=cond_fn, noise=z)
         x = out["sample"]
         guess = plumbing.to_uint8(out["pred_x0"])
-        kinds.append([evaluate.bad_kind(image, disc=disc) for image in guess])
+        kinds.append([evaluate.bad_kind(image) for image in guess])
         ts.append(int(diffusion.model_timesteps(t[:1]).item()))
     return np.array(kinds), ts, plumbing.to_uint8(x)
 

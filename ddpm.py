@@ -16,6 +16,7 @@ Where it is in the paper (Deschenaux et al., ICML 2024)
     App. A.3            L_hybrid = L_simple + 0.001 L_vlb, stop-gradient on the mean       -> training_losses
     Sec. 2.2            guided mean mu + sigma^2 g                                          -> p_sample(cond_fn)
     App. C              sampling with 250 of the 4000 steps ("respacing")                  -> space_timesteps
+    (Training's t: uniform in the paper; tilted toward noise by the CPU preset.)             -> timestep_probs
     (DDIM: Song et al. 2021, Eq. 12; used by the paper's App. M and N.)                    -> ddim_step
 
 Conventions
@@ -102,6 +103,23 @@ def space_timesteps(T, spec):
         start += size
     return sorted(set(kept))
     ### END SOLUTION
+
+
+def timestep_probs(T, tilt=0.0):
+    """The distribution training draws the chain index t = 0 .. T-1 from: p(t) proportional to
+    1 + tilt * t / T, as a float64 numpy array that sums to 1.
+
+    tilt = 0 is the uniform t of every DDPM paper (Ho et al.'s L_simple, improved DDPM, this paper).
+    tilt > 0 draws the noisy end more often (tilt = 4: the noisiest step 5x as often as the cleanest),
+    and the loss is NOT reweighted, so this changes the objective: E_{t ~ p}[L_t] instead of the mean
+    over t. Why a short run wants it: whether a sample holds a circle at all, and where, is decided at
+    high noise (docs/RESULTS.md, "When a sample goes bad"); an under-trained model that has not learnt
+    those levels yet leaves samples empty. The circles CPU preset uses tilt = 4; --paper keeps 0.
+    """
+    if not tilt >= 0:
+        raise ValueError(f"the tilt of p(t) must be >= 0 (0 = uniform), got {tilt}")
+    w = 1.0 + tilt * np.arange(T, dtype=np.float64) / T
+    return w / w.sum()
 
 
 # ----------------------------------------------------------------------------------------------

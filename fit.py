@@ -53,6 +53,7 @@ import torch
 import torch.distributed as dist
 
 import classifier
+import ddpm
 import plumbing
 
 
@@ -454,18 +455,24 @@ def seconds_per_image(model, image_size, n, train=True):
         return plumbing.step_seconds(lambda: model(x, t)) / n
 
 
-def ddpm_loss(diffusion, x0, hflip=True, labels=None, label_dropout=0.0, swap_labels=True):
+def ddpm_loss(diffusion, x0, hflip=True, labels=None, label_dropout=0.0, swap_labels=True, t_tilt=0.0):
     """loss_fn for the DDPM: a random batch of training images (draw_batch), t ~ U{0..T-1}, eps ~ N(0, I),
     the terms of diffusion.training_losses (L_hybrid: Eq. 7 of App. A). hflip=False trains on exactly the
-    given images (the generalization study's disjoint sets).
+    given images (the generalization study's disjoint sets). t_tilt > 0 draws t from ddpm.timestep_probs
+    instead (more often at the noisy end, the loss not reweighted); 0 keeps the uniform draw bit for bit.
 
     labels (N,) trains a class-conditional denoiser for classifier-free guidance (App. J; Ho & Salimans
     2022, Algorithm 1): net(x_t, t, y) with the batch's labels, each replaced by the null label
     net.num_classes with probability label_dropout (0.1 in the released config), drawn after t and eps,
     so the unconditional path's draws are unchanged. The fraction of null labels is logged as "null_label"."""
+    probs = torch.from_numpy(ddpm.timestep_probs(diffusion.num_timesteps, t_tilt)).float().to(x0.device)
+
     def loss_fn(net, batch, g):
         x, y = draw_batch(x0, labels, batch, g, hflip, swap_labels)
-        t = torch.randint(diffusion.num_timesteps, (batch,), generator=g, device=g.device).to(x0.device)
+        if t_tilt == 0:
+            t = torch.randint(diffusion.num_timesteps, (batch,), generator=g, device=g.device).to(x0.device)
+        else:
+            t = torch.multinomial(probs.to(g.device), batch, replacement=True, generator=g).to(x0.device)
         noise = torch.randn(x.shape, generator=g, device=g.device).to(x0.device)
         if labels is None:
             return diffusion.training_losses(net, x, t, noise)

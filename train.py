@@ -84,6 +84,7 @@ class Config:
     learn_sigma: bool = field(default=True, metadata={"help": "learned variance (Eq. 8)"})
     loss: str = field(default="hybrid", metadata={"help": "training loss", "choices": ["hybrid", "simple", "kl"]})
     train_respacing: str = field(default="", metadata={"help": "train on a respaced chain ('' = all T steps)"})
+    t_tilt: float = field(default=4.0, metadata={"help": "training's t drawn with p(t) ~ 1 + tilt t/T (0: uniform, the paper)"})
     steps: int = field(default=950, metadata={"help": "DDPM training steps"})
     batch: int = field(default=64, metadata={"help": "global batch size"})
     lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
@@ -172,7 +173,7 @@ PAPER_PRESETS = {
     # blocks, attention at 16 and 8, T = 4000 cosine trained on the full chain, L_hybrid, AdamW 1e-4,
     # batch 64, fp16 with loss scaling, 30k steps, a plain EMA of 0.9999, no gradient clipping; sampling
     # respaced to 64 steps.
-    "circles": dict(image_size=64, unet="paper", attention="16,8", T=4000, train_respacing="", grad_clip=0.0,
+    "circles": dict(image_size=64, unet="paper", attention="16,8", T=4000, train_respacing="", t_tilt=0.0, grad_clip=0.0,
                     ema_warmup=False, steps=30000, batch=64, lr=1e-4, warmup=0, ema=0.9999, precision="fp16",
                     sample_respacing="64", lambdas="30,30", ckpt_every=2000, grid_every=5000, log_every=200,
                     n_samples=1000, sample_batch=250, clf="paper", clf_steps=3000, clf_lr=3e-4, runs=10),
@@ -237,8 +238,8 @@ def identity(cfg):
 
 def identity_diff(old, new):
     """The keys of a run's identity `new` whose values differ in `old`; a key that an older run's record
-    lacks counts as its Config default (an option added later changes nothing at its default)."""
-    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    lacks counts as what the run did before the option existed: its Config default, or uniform t (--t-tilt 0)."""
+    defaults = {**{f.name: f.default for f in dataclasses.fields(Config)}, "t_tilt": 0.0}
     return sorted(k for k in new if old.get(k, defaults.get(k)) != new[k])
 
 
@@ -247,7 +248,7 @@ def check_config(cfg, parser):
     ranges = {**dict.fromkeys(("steps", "batch", "T", "image_size", "log_every", "ckpt_every", "n_samples",
                                "sample_batch", "clf_steps", "clf_batch", "runs", "lr", "clf_lr"), ("> 0", lambda v: v > 0)),
               **dict.fromkeys(("regressor_steps", "grid_every", "stop_at", "warmup", "weight_decay", "grad_clip",
-                               "threads", "heatmap_t"), (">= 0", lambda v: v >= 0)),
+                               "threads", "heatmap_t", "t_tilt"), (">= 0", lambda v: v >= 0)),
               **dict.fromkeys(("ema", "label_dropout"), ("in [0, 1)", lambda v: 0 <= v < 1))}
     for name, (wanted, ok) in ranges.items():
         if not ok(getattr(cfg, name)):
@@ -311,17 +312,15 @@ def build_ddpm(cfg, **unet_overrides):
         model = dit.build_dit(cfg.dit, image_size=cfg.image_size, learn_sigma=cfg.learn_sigma, num_classes=num_classes)
     else:
         model = unet.build_unet(cfg.unet, **overrides)
-    d = dict(schedule=cfg.schedule, T=cfg.T, learn_sigma=cfg.learn_sigma, loss=cfg.loss,
-             respacing=cfg.train_respacing)
+    d = dict(schedule=cfg.schedule, T=cfg.T, learn_sigma=cfg.learn_sigma, loss=cfg.loss, respacing=cfg.train_respacing)
     return model, ddpm.diffusion_from_config(d), d
 
 
 def fit_settings(cfg, **changes):
     """The DDPM's optimisation numbers of a config; keywords change them (for the other networks)."""
     s = fit.FitSettings(steps=cfg.steps, batch=cfg.batch, lr=cfg.lr, warmup=cfg.warmup, schedule=cfg.lr_schedule,
-                        weight_decay=cfg.weight_decay,
-                        ema=cfg.ema, ema_warmup=cfg.ema_warmup, grad_clip=cfg.grad_clip, precision=cfg.precision, seed=cfg.seed,
-                        log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, stop_at=cfg.stop_at)
+                        weight_decay=cfg.weight_decay, ema=cfg.ema, ema_warmup=cfg.ema_warmup, grad_clip=cfg.grad_clip,
+                        precision=cfg.precision, seed=cfg.seed, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, stop_at=cfg.stop_at)
     return dataclasses.replace(s, **changes)
 
 
@@ -351,7 +350,7 @@ def train_ddpm(cfg, rt, images, labels=None):
 
     meta = dict(kind="ddpm", backbone=cfg.backbone, model_config=model.config, diffusion=d)
     loss_fn = fit.ddpm_loss(diffusion, x0, hflip=DATA[cfg.data]["hflip"], labels=y, label_dropout=cfg.label_dropout,
-                            swap_labels=DATA[cfg.data]["flip_swaps_label"])
+                            swap_labels=DATA[cfg.data]["flip_swaps_label"], t_tilt=cfg.t_tilt)
     model, ema, log = fit.fit(model, loss_fn, fit_settings(cfg), os.path.join(cfg.out, "ddpm.pt"), rt, meta,
                               identity(cfg), resume=cfg.resume, on_step=on_step, desc="DDPM")
     return ema, d, log

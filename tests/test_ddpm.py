@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import ddpm
-from ddpm import Diffusion, get_betas, space_timesteps, normal_kl, discretized_gaussian_log_likelihood
+from ddpm import Diffusion, get_betas, space_timesteps, timestep_probs, normal_kl, discretized_gaussian_log_likelihood
 
 
 def cosine_alpha_bar_np(T, s=0.008):
@@ -75,6 +75,17 @@ def test_space_timesteps_reference_semantics():
         with pytest.raises(ValueError):
             space_timesteps(1000, bad)
 
+
+
+def test_timestep_probs_closed_form():
+    assert np.array_equal(timestep_probs(8, 0.0), np.full(8, 1 / 8))          # the paper's uniform t
+    assert np.allclose(timestep_probs(4, 2.0), np.array([1.0, 1.5, 2.0, 2.5]) / 7.0, rtol=0, atol=1e-15)  # 1 + 2 t / 4
+    p = timestep_probs(1000, 4.0)
+    assert p.dtype == np.float64 and abs(p.sum() - 1) < 1e-12
+    assert abs(p[-1] / p[0] - (1 + 4 * 999 / 1000)) < 1e-12                  # the noisiest step ~5x the cleanest
+    assert abs(p[667:].sum() - sum(1 + 4 * t / 1000 for t in range(667, 1000)) / (1000 + 4 * 999 / 2)) < 1e-12
+    with pytest.raises(ValueError, match=">= 0"):
+        timestep_probs(10, -1.0)
 
 # --- forward process and posterior ----------------------------------------------------------------
 

@@ -119,6 +119,26 @@ def test_label_dropout_rate_and_flipped_labels_and_unchanged_draws():
     assert none(SpyNet(), 500, fit.step_generator(0, 0, 0, 0, "cpu"))["null_label"].sum() == 0
 
 
+
+def test_tilted_t_draws_follow_timestep_probs_and_no_tilt_is_the_uniform_draw():
+    x0 = plumbing.to_tensor(tc.make_circles(8, "train")["images"])
+    rec, tilted = Recorder(), Recorder()
+    plain, tilt = fit.ddpm_loss(rec, x0), fit.ddpm_loss(tilted, x0, t_tilt=4.0)
+    for step in range(40):
+        g = fit.step_generator(0, 0, 0, step, "cpu")
+        plain(SpyNet(), 500, g)
+        tilt(SpyNet(), 500, fit.step_generator(0, 0, 0, step, "cpu"))
+        # no tilt: t is exactly torch.randint after the batch's draws (every run before --t-tilt)
+        g = fit.step_generator(0, 0, 0, step, "cpu")
+        fit.draw_batch(x0, None, 500, g)
+        assert torch.equal(rec.calls[-1]["t"], torch.randint(100, (500,), generator=g))
+    t = torch.cat([c["t"] for c in tilted.calls]).numpy()                   # 20,000 draws, T = 100
+    p = np.array([1 + 4 * k / 100 for k in range(100)]); p /= p.sum()
+    for lo, hi in ((0, 25), (25, 50), (50, 75), (75, 100)):                 # each quarter's mass, within 4 SE
+        want = p[lo:hi].sum()
+        assert abs(np.mean((t >= lo) & (t < hi)) - want) < 4 * np.sqrt(want * (1 - want) / len(t)), (lo, want)
+    assert abs(t.mean() - (p * np.arange(100)).sum()) < 4 * np.sqrt((p * (np.arange(100) - (p * np.arange(100)).sum()) ** 2).sum() / len(t))
+
 # --- the classifier-free mix -------------------------------------------------------------------
 
 def test_cfg_mix_special_cases_are_exact():

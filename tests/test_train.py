@@ -100,6 +100,7 @@ def test_bad_input_is_refused_with_one_line(tmp_path):
         (["--steps", "5", "--out", str(out), "--resume", "--lr", "0.5"], "--lr"),
         (["--steps", "5", "--out", str(out), "--precision", "fp16"], "fp16 needs a CUDA device"),
         (["--sample-respacing", "ddim999", "--out", str(tmp_path / "y")], "--sample-respacing"),
+        (["--t-tilt", "-1", "--out", str(tmp_path / "z")], "--t-tilt must be >= 0"),
     ]
     for args, message in cases:
         r = run_cli(*TINY, *args)
@@ -221,3 +222,13 @@ def test_circles_pipeline_end_to_end_at_tiny_size(tmp_path):
                 "--runs", "2", "--lambda-sweep", "0,10", "--out", str(out), "--resume")
     assert r.returncode == 0 and "sampling" not in r.stderr
     assert json.loads((out / "results.json").read_text())["per_run"] == res["per_run"]
+
+
+def test_a_record_from_before_t_tilt_counts_as_uniform_t():
+    # runs recorded before --t-tilt existed drew t uniformly: resuming one with the circles preset's tilt is
+    # a different run; one of a real-image preset (uniform t) is the same
+    circles, digits = train.parse_config(["--data", "circles"]), train.parse_config(["--data", "digits"])
+    old = {k: v for k, v in train.identity(circles).items() if k != "t_tilt"}
+    assert circles.t_tilt == 4.0 and train.identity_diff(old, train.identity(circles)) == ["t_tilt"]
+    old = {k: v for k, v in train.identity(digits).items() if k != "t_tilt"}
+    assert digits.t_tilt == 0.0 and train.identity_diff(old, train.identity(digits)) == []

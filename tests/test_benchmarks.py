@@ -215,3 +215,55 @@ def test_bad_samples_smoke_reproduces_the_sampler(tmp_path):
     (tmp_path / "d" / "config.json").write_text(json.dumps({"data": "digits"}))
     r = run_script("bad_samples.py", str(tmp_path / "d"), "--out", str(tmp_path / "e"))  # not circles
     assert r.returncode != 0 and "--data digits" in r.stderr and "Traceback" not in r.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# loss_aware_t.py: improved DDPM's importance sampling of t (Sec. 3.3)
+# ----------------------------------------------------------------------------------------------
+
+def test_loss_aware_t_probabilities_on_a_hand_made_history():
+    import torch
+    from benchmarks import loss_aware_t
+    s = loss_aware_t.LossAwareT(3, history=2, uniform=0.1)
+    s.update(torch.tensor([0, 0, 1]), torch.tensor([1.0, 3.0, 2.0]))
+    assert torch.equal(s.probs(), torch.full((3,), 1 / 3, dtype=torch.float64))   # t = 2 has no loss yet
+    s.update(torch.tensor([1, 2, 2, 0]), torch.tensor([2.0, 4.0, 4.0, 7.0]))      # t = 0 keeps its last two: 3, 7
+    rms = np.array([math.sqrt((9 + 49) / 2), 2.0, 4.0])
+    want = 0.9 * rms / rms.sum() + 0.1 / 3
+    assert np.allclose(s.probs().numpy(), want, rtol=0, atol=1e-15) and abs(want.sum() - 1) < 1e-15
+    assert s.losses[0].tolist() == [3.0, 7.0] and s.seen.tolist() == [2, 2, 2]
+
+
+def test_loss_aware_t_weights_keep_the_objective_unbiased():
+    import toy_circles
+    import plumbing
+    from benchmarks import loss_aware_t
+    import fit
+
+    class Fixed:  # a stand-in diffusion: the loss of an example is its t + 1
+        num_timesteps = 4
+
+        def training_losses(self, model, x, t, noise):
+            return dict(loss=(t + 1).double(), mse=(t + 1).double())
+    x0 = plumbing.to_tensor(toy_circles.make_circles(8, "train")["images"])
+    loss_fn = loss_aware_t.loss_aware_ddpm_loss(Fixed(), x0)
+    for step in range(8):                                                  # fills every t's history
+        loss_fn(None, 64, fit.step_generator(0, 0, 0, step, "cpu"))
+    p = loss_fn.sampler.probs().numpy()
+    rms = np.arange(1, 5.0)
+    assert np.allclose(p, 0.999 * rms / rms.sum() + 0.001 / 4, atol=1e-12)  # constant losses: E[L^2]^0.5 = t + 1
+    terms = loss_fn(None, 20000, fit.step_generator(0, 0, 0, 99, "cpu"))
+    weighted = terms["loss"].numpy()
+    # each weighted loss is (t + 1) / (T p(t)); its mean estimates the uniform mean over t, (1+2+3+4)/4
+    t = (terms["mse"].numpy() - 1).astype(int)
+    assert np.allclose(weighted, (t + 1) / (4 * p[t]), rtol=1e-6)
+    assert abs(weighted.mean() - 2.5) < 4 * weighted.std() / math.sqrt(len(weighted))
+    assert abs(terms["t_below_100"].mean().item() - 1.0) < 1e-12
+
+
+def test_loss_aware_t_runs_train_py_and_refuses_resume(tmp_path):
+    r = run_script("loss_aware_t.py", *TINY_TRAIN, "--out", str(tmp_path / "la"), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "HEADLINE" in r.stdout and (tmp_path / "la" / "results.json").exists()
+    r = run_script("loss_aware_t.py", *TINY_TRAIN, "--out", str(tmp_path / "la"), "--resume")
+    assert r.returncode != 0 and "--resume is not supported" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -465,7 +465,7 @@ def ddpm_loss(diffusion, x0, hflip=True, labels=None, label_dropout=0.0, swap_la
     2022, Algorithm 1): net(x_t, t, y) with the batch's labels, each replaced by the null label
     net.num_classes with probability label_dropout (0.1 in the released config), drawn after t and eps,
     so the unconditional path's draws are unchanged. The fraction of null labels is logged as "null_label"."""
-    probs = torch.from_numpy(ddpm.timestep_probs(diffusion.num_timesteps, t_tilt)).float().to(x0.device)
+    probs = torch.from_numpy(ddpm.timestep_probs(diffusion.num_timesteps, t_tilt)).float().to(x0.device) if t_tilt else None
 
     def loss_fn(net, batch, g):
         x, y = draw_batch(x0, labels, batch, g, hflip, swap_labels)

@@ -76,7 +76,6 @@ def test_space_timesteps_reference_semantics():
             space_timesteps(1000, bad)
 
 
-
 def test_timestep_probs_closed_form():
     assert np.array_equal(timestep_probs(8, 0.0), np.full(8, 1 / 8))          # the paper's uniform t
     assert np.allclose(timestep_probs(4, 2.0), np.array([1.0, 1.5, 2.0, 2.5]) / 7.0, rtol=0, atol=1e-15)  # 1 + 2 t / 4

@@ -246,14 +246,6 @@ class UNetEncoder(nn.Module):
         return h, skips
 
 
-def coordinate_planes(batch, height, width, like):
-    """(B, 2, H, W): the column and the row of each pixel, each mapped linearly onto [-1, 1]."""
-    cols = torch.linspace(-1.0, 1.0, width, dtype=like.dtype, device=like.device)
-    rows = torch.linspace(-1.0, 1.0, height, dtype=like.dtype, device=like.device)
-    planes = torch.stack([cols[None, :].expand(height, width), rows[:, None].expand(height, width)])
-    return planes[None].expand(batch, 2, height, width)
-
-
 class UNet(nn.Module):
     """The full denoiser: time embedding MLP + UNetEncoder + decoder + output head.
 
@@ -270,7 +262,7 @@ class UNet(nn.Module):
 
     def __init__(self, *, image_size, in_channels=3, model_channels, channel_mult, num_res_blocks,
                  attention_resolutions, dropout=0.0, num_heads=4, num_head_channels=-1, learn_sigma=True,
-                 stem=1, use_checkpoint=False, input_skip=False, num_classes=0, coords=False):
+                 stem=1, use_checkpoint=False, input_skip=False, num_classes=0):
         super().__init__()
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0 (0 = unconditional), got {num_classes}")
@@ -279,15 +271,15 @@ class UNet(nn.Module):
                            attention_resolutions=tuple(attention_resolutions), dropout=dropout,
                            num_heads=num_heads, num_head_channels=num_head_channels,
                            learn_sigma=learn_sigma, stem=stem, use_checkpoint=use_checkpoint,
-                           input_skip=input_skip, num_classes=num_classes, coords=coords)
-        self.model_channels, self.stem, self.num_classes, self.coords = model_channels, stem, num_classes, coords
+                           input_skip=input_skip, num_classes=num_classes)
+        self.model_channels, self.stem, self.num_classes = model_channels, stem, num_classes
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
         emb_dim = 4 * model_channels
         # App. C: sinusoidal time embedding of dimension model_channels (128 in the paper), then an MLP
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         # App. J (classifier-free guidance): labels 0 .. num_classes - 1 and the null label num_classes
         self.label_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
-        self.encoder = UNetEncoder(in_channels + 2 * coords, model_channels, channel_mult, num_res_blocks,
+        self.encoder = UNetEncoder(in_channels, model_channels, channel_mult, num_res_blocks,
                                    attention_resolutions, dropout, num_heads, num_head_channels,
                                    image_size, stem, use_checkpoint)
         self.decoder = self._build_decoder(model_channels, channel_mult, num_res_blocks, attention_resolutions,
@@ -332,8 +324,7 @@ class UNet(nn.Module):
             if y is None:
                 y = torch.full((B,), self.num_classes, dtype=torch.long, device=x.device)  # the null label
             emb = emb + self.label_embed(y)  # (B, 4 mc): time + class embedding
-        h = torch.cat([x, coordinate_planes(B, H, W, x)], dim=1) if self.coords else x  # (B, C [+ 2], H, W)
-        h, skips = self.encoder(h, emb)  # h: (B, C_mid, H / (stem 2^(L-1)), ...)
+        h, skips = self.encoder(x, emb)  # h: (B, C_mid, H / (stem 2^(L-1)), ...)
         for block in self.decoder:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)  # (B, ch + skip_ch, h, w) -> (B, ch', h', w')
         h = self.out(h)  # (B, out * stem^2, H / stem, W / stem)

@@ -206,8 +206,8 @@ class UNetEncoder(nn.Module):
     def __init__(self, in_channels, model_channels, channel_mult, num_res_blocks, attention_resolutions,
                  dropout, num_heads, num_head_channels, image_size, stem, use_checkpoint=False):
         super().__init__()
-        if stem not in (1, 2, 4):
-            raise ValueError(f"stem must be 1, 2 or 4, got {stem}")
+        if stem not in (1, 2):
+            raise ValueError(f"stem must be 1 or 2, got {stem}")
         if image_size % (stem * 2 ** (len(channel_mult) - 1)):
             raise ValueError(f"image_size {image_size} is not divisible by stem * 2^(levels - 1)")
         self.stem, self.emb_dim = stem, 4 * model_channels
@@ -237,7 +237,7 @@ class UNetEncoder(nn.Module):
 
     def forward(self, x, emb):
         B, C, H, W = x.shape
-        h = F.pixel_unshuffle(x, self.stem) if self.stem > 1 else x  # (B, C * stem^2, H / stem, W / stem)
+        h = F.pixel_unshuffle(x, 2) if self.stem == 2 else x  # (B, C * stem^2, H / stem, W / stem)
         skips = []
         for block in self.blocks:
             h = block(h, emb)  # resolution halves at each Downsample
@@ -328,8 +328,8 @@ class UNet(nn.Module):
         for block in self.decoder:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)  # (B, ch + skip_ch, h, w) -> (B, ch', h', w')
         h = self.out(h)  # (B, out * stem^2, H / stem, W / stem)
-        if self.stem > 1:
-            h = F.pixel_shuffle(h, self.stem)  # (B, out, H, W)
+        if self.stem == 2:
+            h = F.pixel_shuffle(h, 2)  # (B, out, H, W)
         if self.input_skip is not None:
             a, b = self.input_skip(F.silu(emb))[:, :, None, None].chunk(2, dim=1)  # each (B, C, 1, 1)
             h = torch.cat([h[:, :C] + a * x + b, h[:, C:]], dim=1)  # only eps gets the skip, not v

@@ -105,6 +105,20 @@ def space_timesteps(T, spec):
     ### END SOLUTION
 
 
+def check_chain(T, spec=None):
+    """The steps a chain of T steps respaced by `spec` keeps (None keeps all T), refusing fewer than 2.
+
+    A one-step chain has no reverse step to take: the variances need beta~ at chain index 1 (Eq. 6
+    is 0 at index 0, and its log is clipped to index 1's value). The CLIs call this to turn
+    "--sample-steps 1" into a one-line error before any work starts; Diffusion refuses it too.
+    """
+    kept = list(range(T)) if spec is None else space_timesteps(T, spec)
+    if len(kept) < 2:
+        what = f"T = {T} gives {len(kept)}" if spec is None else f"respacing {spec!r} keeps {len(kept)} of {T} steps"
+        raise ValueError(f"a chain needs at least 2 steps; {what}")
+    return kept
+
+
 def timestep_probs(T, tilt=0.0):
     """The distribution training draws the chain index t = 0 .. T-1 from: p(t) proportional to
     1 + tilt * t / T, as a float64 numpy array that sums to 1.
@@ -179,7 +193,9 @@ class Diffusion:
     Diffusion(betas, learn_sigma=True, loss="hybrid", timesteps=None)
         betas       : float64 array from get_betas, the ORIGINAL schedule (length T).
         learn_sigma : the network outputs 2C channels, eps and v (Eq. 8); False = fixed variance
-                      beta~_t (the "fixed small" posterior variance of Ho et al.).
+                      beta~_t (the "fixed small" posterior variance of Ho et al.). Improved DDPM's
+                      code, with its default flags, fixes beta_t instead ("fixed large"); Ho et al.
+                      report that the two give similar samples.
         loss        : "hybrid" (L_simple + 0.001 L_vlb, the paper's choice), "simple" (L_simple;
                       needs learn_sigma=False since nothing would train the variance), or "kl"
                       (the full L_vlb estimate, which App. J reports as hard to train).
@@ -210,6 +226,8 @@ class Diffusion:
                 new_betas.append(1.0 - alpha_bar_full[s] / prev)
                 prev = alpha_bar_full[s]
             betas, self.timestep_map = np.array(new_betas), kept
+        if len(betas) < 2:
+            raise ValueError(f"a chain needs at least 2 steps, got {len(betas)} (see check_chain)")
         self.num_timesteps = len(betas)
         self._compute_coefficients(betas)
 
@@ -554,9 +572,11 @@ def main(argv=None):
     parser.add_argument("--out", default="", help="also write OUT/forward_process.png: x_t for several t, abar_t "
                         "of both schedules ('' = print only)")
     args = parser.parse_args(argv)
+    if args.T < 2:
+        parser.error(f"--T must be >= 2 (a chain needs two steps), got {args.T}")
     betas = get_betas(args.schedule, args.T)
     try:
-        kept = space_timesteps(args.T, args.sample_steps)
+        kept = check_chain(args.T, args.sample_steps)
     except ValueError as e:
         parser.error(f"--sample-steps: {e}")
     d = Diffusion(betas, timesteps=kept)

@@ -198,6 +198,8 @@ def check_config(cfg):
     for name in ("pool", "size", "steps", "batch", "T", "channels", "n_eval", "jac_images", "twist_n_samples", "clf_steps"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.T < 2:
+        raise ValueError(f"--T must be >= 2 (a chain needs two steps), got {cfg.T}")
     if cfg.n_samples < 1:
         raise ValueError(f"--n-samples (samples per model) must be at least 1, got {cfg.n_samples}")
     ns = parse_ints(cfg.ns, "ns")
@@ -217,7 +219,10 @@ def check_config(cfg):
         ts = parse_ints(getattr(cfg, name), name.replace("_", "-"))
         if min(ts) < 0 or max(ts) >= cfg.T:
             raise ValueError(f"--{name.replace('_', '-')} must lie in [0, {cfg.T - 1}], got {ts}")
-    ddpm.space_timesteps(cfg.T, cfg.sample_steps)      # raises ValueError on a bad spec
+    try:
+        ddpm.check_chain(cfg.T, cfg.sample_steps)
+    except ValueError as e:
+        raise ValueError(f"--sample-steps: {e}") from None
     try:
         lambdas = plumbing.float_list(cfg.lambdas)
     except argparse.ArgumentTypeError as e:

@@ -709,7 +709,7 @@ def check_models(parser, args, model, d, clf):
     specs += [("--nll-steps", args.nll_steps)] if args.command == "interp" and args.nll_steps != "0" else []
     for flag, spec in specs:
         try:
-            ddpm.space_timesteps(d["T"], spec)
+            ddpm.check_chain(d["T"], spec)
         except ValueError as e:
             parser.error(f"{flag}: {e}")
     if clf is not None and args.lambdas is not None and len(args.lambdas) != clf.num_classes:

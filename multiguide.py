@@ -523,7 +523,7 @@ def run(parser, args):
     else:
         clf, per_class = classifier_weights(parser, args, clfs)
     try:
-        ddpm.space_timesteps(d["T"], args.sample_steps)
+        ddpm.check_chain(d["T"], args.sample_steps)
     except ValueError as e:
         parser.error(f"--sample-steps: {e}")
     weights = f"w {args.cfg_w:g}" if args.cfg_w is not None else f"lambdas {args.lambdas}"

@@ -199,7 +199,8 @@ def parse_config(argv=None):
                                                                   "--quick": [f"--quick {d}" for d in QUICK_PRESETS]})
     parser.add_argument("--cfg", action="store_const", const="free", dest="guidance", help="same as --guidance free")
     parser.add_argument("--variance", choices=["learned", "fixed"], default="learned", help="fixed: App. J's ablation, "
-                        "the variance fixed at beta_t and L_simple (same as --no-learn-sigma --loss simple; default: learned)")
+                        "the variance fixed at the posterior's beta~_t and L_simple (same as --no-learn-sigma --loss simple; "
+                        "default: learned)")
     args = parser.parse_args(argv)
     if args.variance == "fixed":
         args.learn_sigma, args.loss = False, args.loss or "simple"
@@ -245,7 +246,8 @@ def identity_diff(old, new):
 
 def check_config(cfg, parser):
     """Refuse numbers that cannot work, naming the flag."""
-    ranges = {**dict.fromkeys(("steps", "batch", "T", "image_size", "log_every", "ckpt_every", "n_samples",
+    ranges = {"T": (">= 2 (a chain needs two steps)", lambda v: v >= 2),
+              **dict.fromkeys(("steps", "batch", "image_size", "log_every", "ckpt_every", "n_samples",
                                "sample_batch", "clf_steps", "clf_batch", "runs", "lr", "clf_lr"), ("> 0", lambda v: v > 0)),
               **dict.fromkeys(("regressor_steps", "grid_every", "stop_at", "warmup", "weight_decay", "grad_clip",
                                "threads", "heatmap_t", "t_tilt"), (">= 0", lambda v: v >= 0)),
@@ -256,11 +258,10 @@ def check_config(cfg, parser):
     if cfg.heatmap_t >= cfg.T:
         parser.error(f"--heatmap-t must be a chain step below --T {cfg.T}, got {cfg.heatmap_t}")
     for name in ("train_respacing", "sample_respacing"):
-        if getattr(cfg, name):
-            try:
-                ddpm.space_timesteps(cfg.T, getattr(cfg, name))
-            except ValueError as e:
-                parser.error(f"--{name.replace('_', '-')}: {e}")
+        try:
+            ddpm.check_chain(cfg.T, getattr(cfg, name) or None)  # '' = every step
+        except ValueError as e:
+            parser.error(f"--{name.replace('_', '-')}: {e}")
     for name in ("lambdas", "lambda_sweep"):
         try:
             values = plumbing.float_list(getattr(cfg, name))

@@ -420,3 +420,19 @@ def test_losses_by_timestep_against_training_losses_and_an_exact_model():
     assert max(d.losses_by_timestep(exact, x0, [10, 50, 99], batch=5)["mse"]) < 1e-9
     with pytest.raises(ValueError, match="outside this diffusion's chain 0 .. 99"):
         d.losses_by_timestep(net, x0, [100])
+
+
+def test_a_chain_needs_two_steps():
+    """check_chain: the kept steps, or a ValueError for a chain of fewer than 2 (Diffusion refuses it too:
+    a reverse step reads beta~ at chain index 1)."""
+    from ddpm import check_chain
+    assert check_chain(1000, "2") == [0, 999]
+    assert check_chain(10) == list(range(10))
+    assert check_chain(1000, "50") == space_timesteps(1000, "50")
+    for T, spec in ((1000, "1"), (1, None), (1, "1")):
+        with pytest.raises(ValueError, match="at least 2 steps"):
+            check_chain(T, spec)
+    with pytest.raises(ValueError, match="at least 2 steps"):
+        Diffusion(get_betas("cosine", 1000), timesteps=[500])
+    with pytest.raises(ValueError, match="at least 2 steps"):
+        Diffusion(get_betas("cosine", 1))

@@ -105,8 +105,9 @@ def cases():
     add("train", t, "--label-dropout", BAD_UNIT + ["1.0"])
     add("train", t, "--lambdas", ["30", "30,30,30", "a,b", "nan,30", "30,inf", ""])
     add("train", t, "--lambda-sweep", ["x", "1,,2", "nan"])
-    add("train", t, "--sample-respacing", ["0", "ddim0", "abc", "5000", "-3"])
-    add("train", t, "--train-respacing", ["abc", "5000"])
+    add("train", t, "--sample-respacing", ["0", "1", "ddim0", "abc", "5000", "-3"])
+    add("train", t, "--train-respacing", ["abc", "5000", "1"])
+    add("train", t, "--T", ["1"], "--T")
     add("train", t, "--attention", ["x", "16,y", "0"])
     add("train", t, "--image-size", ["33", "7"])
     add("train", t, "--heatmap-t", ["1000", "5000"])
@@ -138,7 +139,7 @@ def cases():
     add("multiguide", m, "--threads", BAD_NONNEG_INT)
     add("multiguide", m, "--eta", BAD_FLOAT + ["-0.5"])
     add("multiguide", m, "--lambdas", ["30", "30,30,30", "a,b", "nan,1", "1,-inf", ""])
-    add("multiguide", m, "--sample-steps", ["0", "abc", "5000", "ddim0", ""])
+    add("multiguide", m, "--sample-steps", ["0", "1", "abc", "5000", "ddim0", ""])
     add("multiguide", m, "--device", BAD_DEVICE, "device")
     add("multiguide", m, "--precision", ["fp16", "fp8"], "--precision")
     add("multiguide", m, "--guidance", ["free", "both"], "--guidance")
@@ -214,8 +215,8 @@ def cases():
     # latents.py, interpolants.py, generalization.py, classifier.py, toy_circles.py, ddpm.py, report.py
     li = ["--ddpm", "{ddpm}", "--out", "{out}", "--threads", "1"]
     for flag, values in (("--pairs", BAD_POS_INT), ("--frames", BAD_POS_INT + ["1"]), ("--nll-pairs", BAD_NONNEG_INT),
-                         ("--batch", BAD_POS_INT), ("--seed", BAD_INT), ("--sample-steps", ["0", "abc", "5000"]),
-                         ("--invert-steps", ["abc", "ddim0"]), ("--nll-steps", ["x", "-1"])):
+                         ("--batch", BAD_POS_INT), ("--seed", BAD_INT), ("--sample-steps", ["0", "1", "abc", "5000"]),
+                         ("--invert-steps", ["abc", "ddim0", "1"]), ("--nll-steps", ["x", "-1"])):
         add("latents", li, flag, values, sub="interp")
     le = ["--ddpm", "{ddpm}", "--classifier", "{clf}", "--out", "{out}"]
     add("latents", le, "--n-samples", BAD_POS_INT, sub="edit")
@@ -233,6 +234,8 @@ def cases():
     for flag in ("--pool", "--size", "--steps", "--batch", "--T", "--channels", "--n-eval", "--n-samples",
                  "--clf-steps", "--jac-images"):
         add("generalization", g, flag, BAD_POS_INT)
+    add("generalization", g, "--T", ["1"])
+    add("generalization", g, "--sample-steps", ["1", "abc"])
     add("generalization", g, "--ns", ["x", "0", "4,,8", "99999"])
     add("generalization", g, "--lr", BAD_POS_FLOAT)
     add("generalization", g, "--ema", BAD_UNIT + ["1.0"])
@@ -251,8 +254,8 @@ def cases():
     add("toy_circles", ["--out", "{out}"], "--size", ["33", "0", "-8", "x", "128"], "--size")
     add("toy_circles", ["--out", "{out}"], "--region", ["top"], "--region")
     add("toy_circles", [], "--out", ["{notes}", "{below_file}"], "is a file")
-    add("ddpm", [], "--T", BAD_POS_INT)
-    add("ddpm", [], "--sample-steps", ["0", "abc", "ddim0", "9999"])
+    add("ddpm", [], "--T", BAD_POS_INT + ["1"])
+    add("ddpm", [], "--sample-steps", ["0", "1", "abc", "ddim0", "9999"])
     add("ddpm", [], "--out", ["{notes}", "{below_file}"], "is a file")
     out.append(("report no results", "report", ["{dir}"], "results.json"))
     out.append(("report not a folder", "report", ["{notes}"], "results.json"))

@@ -105,6 +105,16 @@ def space_timesteps(T, spec):
     ### END SOLUTION
 
 
+def check_schedule(schedule, T):
+    """get_betas(schedule, T), refusing a schedule whose betas leave (0, 1): the linear one scales its betas
+    by 1000 / T, so they pass 1 below T = 21."""
+    betas = get_betas(schedule, T)
+    if not np.all((betas > 0) & (betas < 1)):
+        raise ValueError(f"the {schedule} schedule at T = {T} has betas {betas.min():.3g} .. {betas.max():.3g}; "
+                         f"each must lie in (0, 1) (linear: T >= 21)")
+    return betas
+
+
 def check_chain(T, spec=None):
     """The steps a chain of T steps respaced by `spec` keeps (None keeps all T), refusing fewer than 2.
 
@@ -211,6 +221,8 @@ class Diffusion:
         if loss == "simple" and learn_sigma:
             raise ValueError("loss='simple' trains no variance: use learn_sigma=False or loss='hybrid'")
         betas = np.asarray(betas, dtype=np.float64)
+        if not np.all((betas > 0) & (betas < 1)):
+            raise ValueError(f"every beta must lie in (0, 1), got {betas.min():.3g} .. {betas.max():.3g} (check_schedule)")
         self.learn_sigma, self.loss_type = learn_sigma, loss
         self.original_num_steps = len(betas)
         self.timestep_map = list(range(len(betas)))
@@ -571,14 +583,20 @@ def main(argv=None):
     plumbing.add_flags(parser, sample_steps="250")
     parser.add_argument("--out", default="", help="also write OUT/forward_process.png: x_t for several t, abar_t "
                         "of both schedules ('' = print only)")
+    plumbing.add_flags(parser, "overwrite")
     args = parser.parse_args(argv)
     if args.T < 2:
         parser.error(f"--T must be >= 2 (a chain needs two steps), got {args.T}")
+    for schedule in ("cosine", "linear") if args.out else (args.schedule,):  # the figure draws both
+        plumbing.vet(parser, "--T", check_schedule, schedule, args.T)
     betas = get_betas(args.schedule, args.T)
     try:
         kept = check_chain(args.T, args.sample_steps)
     except ValueError as e:
         parser.error(f"--sample-steps: {e}")
+    if args.out:
+        plumbing.check_out_folder(args.out)
+        plumbing.refuse_overwrite(args.out, ["forward_process.png"], args.overwrite)
     d = Diffusion(betas, timesteps=kept)
     abar = np.cumprod(1 - betas)
     print(f"{args.schedule} schedule, T = {args.T}: beta_1 = {betas[0]:.6g}, beta_T = {betas[-1]:.6g}, "
@@ -586,7 +604,6 @@ def main(argv=None):
     print(f"respacing {args.sample_steps!r}: {d.num_timesteps} steps, first kept {kept[:6]}, last {kept[-3:]}")
     print(f"respaced betas: first {d.float64['betas'][0]:.6g}, last {d.float64['betas'][-1]:.6g}")
     if args.out:
-        plumbing.check_out_folder(args.out)
         path = os.path.join(args.out, "forward_process.png")
         abars = forward_demo(path, T=args.T)
         half = {s: f"{a[args.T // 2]:.3f}" for s, a in abars.items()}

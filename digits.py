@@ -285,14 +285,17 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="output folder (created)")
     parser.add_argument("--image-size", type=_image_size_arg, default=IMAGE_SIZE,
                         help="image side after bilinear upsampling, a multiple of 8 (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="picks the digits shown in the grid (default: %(default)s)")
+    parser.add_argument("--seed", type=plumbing.nonnegative_int, default=0,
+                        help="picks the digits shown in the grid (default: %(default)s)")
+    plumbing.add_flags(parser, "overwrite")
     args = parser.parse_args(argv)
     plumbing.check_out_folder(args.out)
+    s = args.image_size
+    names = [f"digits_{kind}_{s}.{ext}" for kind, ext in (("grid", "png"), ("slant_hist", "png"), ("slant", "json"))]
+    plumbing.refuse_overwrite(args.out, names, args.overwrite)
+    paths = [os.path.join(args.out, n) for n in names]
     data = load_digits(args.image_size)
     info = summary(data)
-    s = args.image_size
-    paths = [os.path.join(args.out, f"digits_{kind}_{s}.{ext}") for kind, ext in
-             (("grid", "png"), ("slant_hist", "png"), ("slant", "json"))]
     plumbing.save_grid(decile_grid(data, seed=args.seed), paths[0], nrow=12, scale=max(1, 64 // s))
     plot_slant(data, paths[1])
     plumbing.write_json(info, paths[2])

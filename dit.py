@@ -33,7 +33,6 @@ by default, and the timestep embedding is unet.timestep_embedding's [cos | sin] 
 Run:  python dit.py --preset cpu      (config, parameter count, output shape, and the CPU time of a
                                        forward + backward per image at batch 64 against unet "cpu")
 """
-import argparse
 import json
 import statistics
 import time
@@ -42,6 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import plumbing
 import unet
 from unet import count_params, timestep_embedding, zero_init
 
@@ -265,18 +265,16 @@ def compare_speed(dit, other, batch, reps, seed=0):
     return statistics.median(times["dit"]) / batch, statistics.median(times["other"]) / batch
 
 
-def main():
-    parser = argparse.ArgumentParser(description="Build a preset DiT; print its config, size, output shape "
+def main(argv=None):
+    parser = plumbing.OneLineParser(description="Build a preset DiT; print its config, size, output shape "
                                                  "and its CPU forward+backward time against a U-Net.")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="named DiT config")
     parser.add_argument("--unet", choices=sorted(unet.PRESETS), default="cpu",
                         help="U-Net preset to time against (built at the DiT's image size)")
-    parser.add_argument("--batch", type=int, default=64, help="batch size of the timing")
-    parser.add_argument("--reps", type=int, default=5, help="timed repetitions per model (median reported)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    args = parser.parse_args()
-    if args.batch < 1 or args.reps < 1 or args.threads < 1:
-        parser.error("--batch, --reps and --threads must be >= 1")
+    parser.add_argument("--batch", type=plumbing.positive_int, default=64, help="batch size of the timing")
+    parser.add_argument("--reps", type=plumbing.positive_int, default=5, help="timed repetitions per model (median reported)")
+    parser.add_argument("--threads", type=plumbing.positive_int, default=1, help="torch CPU threads")
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = build_dit(args.preset)

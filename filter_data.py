@@ -1006,9 +1006,11 @@ def _pair(text, kind):
     return tuple(values)
 
 
-def build_parser():
-    """filter_data.py's command line (presets fill the flags left unset: see parse_args)."""
-    parser = plumbing.OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser(prog=None):
+    """filter_data.py's command line (presets fill the flags left unset: see parse_args). prog names the
+    command in error lines (train.py passes "filter_data.py (from train.py --filter-args)")."""
+    parser = plumbing.OneLineParser(prog=prog, description=__doc__.split("\n\n")[0],
+                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", required=True, choices=["celeba", "folder", "csv", "digits"],
                         help="input layout (digits: scikit-learn's handwritten digits, label = slant above the median)")
     parser.add_argument("--root", help="CelebA folder, or the folder of class folders")
@@ -1047,7 +1049,7 @@ def build_parser():
     parser.add_argument("--lr", type=plumbing.finite_float, help=f"AdamW peak learning rate (default {CPU_PRESET['lr']})")
     parser.add_argument("--width", type=int, help=f"SmallCNN base width (default {CPU_PRESET['width']})")
     parser.add_argument("--size", type=int, default=64, help="image side after preprocessing (the paper: 64)")
-    parser.add_argument("--seed", type=int, default=0, help="initialisation, batches, subsets, generic splits")
+    parser.add_argument("--seed", type=plumbing.nonnegative_int, default=0, help="initialisation, batches, subsets, generic splits")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="auto: bf16 on CUDA, fp32 on the CPU")
@@ -1059,9 +1061,9 @@ def build_parser():
     return parser
 
 
-def parse_args(argv=None):
+def parse_args(argv=None, prog=None):
     """Parse and check every flag before any work: presets fill what is unset, then one-line refusals."""
-    parser = build_parser()
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     preset = PAPER_PRESET if args.paper else DIGITS_PRESET if args.data == "digits" else CPU_PRESET
     for k, v in {**preset, "flip": args.data != "digits"}.items():
@@ -1071,8 +1073,8 @@ def parse_args(argv=None):
     for flag in need:
         if not getattr(args, flag):
             parser.error(f"--data {args.data} needs --{flag}")
-    if args.classes is not None and (args.data != "folder" or len(args.classes) != 2):
-        parser.error(f"--classes names the two class folders of --data folder, got {args.classes}")
+    if args.classes is not None and (args.data != "folder" or len(set(args.classes)) != 2 or len(args.classes) != 2):
+        parser.error(f"--classes names two different class folders of --data folder, got {args.classes}")
     for flag in ("tau1", "tau2"):
         if not 0.0 < getattr(args, flag) < 1.0:
             parser.error(f"--{flag} must be in (0, 1), got {getattr(args, flag)}")
@@ -1086,6 +1088,8 @@ def parse_args(argv=None):
     if args.members < 2 or args.lr <= 0:
         parser.error(f"--members must be >= 2 and --lr positive, got {args.members} and {args.lr}")
     plumbing.check_out_folder(args.out)
+    if args.cache:
+        plumbing.check_out_folder(args.cache, "--cache")
     args.per_side = args.per_side or SUBSETS[args.subset]
     args.oversample = args.oversample or OVERSAMPLE.get(args.subset, (1, 1))
     args.cache = args.cache or os.path.join(args.out, "cache")

@@ -184,18 +184,23 @@ class _State:
     wall_s: float = 0.0                                     # training wall time before this process
 
 
-def _restore(ckpt_path, identity, model, ema, opt, scaler, desc, main):
-    """The _State of a resumable checkpoint, weights loaded; a checkpoint of another configuration is refused."""
-    ckpt = plumbing.load_checkpoint(ckpt_path)
+def _restore(ckpt_path, identity, model, ema, opt, scaler, desc, main, kind=None):
+    """The _State of a resumable checkpoint, weights loaded; a checkpoint of another kind or configuration,
+    or one whose weights do not fit the network, is refused in one line."""
+    ckpt = plumbing.load_checkpoint(ckpt_path, kind)
     old = ckpt.get("identity", {})
     diff = sorted(k for k in set(old) | set(identity) if k in old and old.get(k) != identity.get(k))
     if diff:
         raise SystemExit(f"error: cannot resume from {ckpt_path}: it was trained with a different configuration "
                          f"({', '.join(diff)}); use another --out or --overwrite")
-    model.load_state_dict(ckpt["model"])
-    if ema is not None:
-        ema.load_state_dict(ckpt["ema"])
-    opt.load_state_dict(ckpt["optimizer"])
+    try:
+        model.load_state_dict(ckpt["model"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        raise plumbing.CheckpointError(f"error: cannot resume from {ckpt_path}: its weights do not fit this network "
+                                       f"({type(e).__name__}); use another --out or --overwrite") from None
     scaler.load_state_dict(ckpt["scaler"])
     st = _State(step=ckpt["step"], log=list(ckpt["log"]), **ckpt.get("interval", {}))
     if main:
@@ -220,7 +225,7 @@ def fit(model, loss_fn, s, ckpt_path, rt, meta, identity, resume=False, on_step=
     scaler = torch.amp.GradScaler(device.type, init_scale=s.loss_scale_init,
                                   growth_interval=s.loss_scale_growth_interval, enabled=(s.precision == "fp16"))
     log_dir = log_dir or os.path.join(os.path.dirname(ckpt_path), "logs", os.path.splitext(os.path.basename(ckpt_path))[0])
-    st = (_restore(ckpt_path, identity, model, ema, opt, scaler, desc, rt.main)
+    st = (_restore(ckpt_path, identity, model, ema, opt, scaler, desc, rt.main, meta.get("kind"))
           if resume and os.path.exists(ckpt_path) else _State())
     if rt.main:
         TrainLog(log_dir).rewrite(st.log)  # a resumed log continues exactly where its checkpoint stood

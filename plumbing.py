@@ -43,10 +43,12 @@ CHECKPOINT_FORMAT = 2  # bumped when the layout of a checkpoint dict changes (se
 
 class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help shows each option's real default; options without one (required, switches, defaults that
-    depend on a preset, which their help text describes in words) show none, never "None"."""
+    depend on a preset or are empty, which their help text describes in words) show none, never "None"
+    or an empty "(default: )"."""
 
     def _get_help_string(self, action):
-        no_default = action.default is None or action.default is False or action.default is argparse.SUPPRESS
+        no_default = (action.default is None or action.default is False or action.default is argparse.SUPPRESS
+                      or (isinstance(action.default, str) and action.default == ""))  # not 0, which == False
         if action.required or no_default or "%(default)" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
@@ -98,6 +100,14 @@ nonnegative_float = number(float, lambda v: v >= 0, "a finite number >= 0")
 probability = number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
+def vet(parser, flag, check, *args):
+    """check(*args), its ValueError (or argparse type error) turned into the parser's one-line error naming flag."""
+    try:
+        return check(*args)
+    except (ValueError, argparse.ArgumentTypeError) as e:
+        parser.error(f"{flag}: {e}")
+
+
 def float_list(text):
     """'30,30' -> [30.0, 30.0]; every element finite ('' -> [])."""
     parts = [p.strip() for p in text.split(",")] if text.strip() else []
@@ -119,7 +129,7 @@ VOCABULARY = {
                                                       "(per section) or ddimN"),
     "n_samples": dict(type=positive_int, default=256, help="number of samples"),
     "batch": dict(type=positive_int, default=128, help="images per network call"),
-    "seed": dict(type=int, default=0, help="fixes every random draw (data, noise, initialisation)"),
+    "seed": dict(type=nonnegative_int, default=0, help="fixes every random draw (data, noise, initialisation)"),
     "device": dict(type=str, default="auto", help="auto (CUDA when present, else the CPU) | cpu | cuda | cuda:N"),
     "threads": dict(type=nonnegative_int, default=0, help="CPU threads (0: all cores, at most 8)"),
     "out": dict(type=str, help="output folder (created)"),
@@ -218,6 +228,13 @@ def autocast(precision, device):
 # 3. Files
 # ----------------------------------------------------------------------------------------------
 
+def _umask():
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_bytes_atomically(path, data):
     """Write bytes to path through a uniquely named temporary file in the same folder, then os.replace:
     readers see the old file or the new one, never half of one, and two writers never share a temp."""
@@ -225,6 +242,7 @@ def write_bytes_atomically(path, data):
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix="_" + os.path.basename(path))
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -241,15 +259,19 @@ def write_json(obj, path):
     write_bytes_atomically(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
-def read_json(path, what="file"):
-    """A JSON file, or a one-line SystemExit naming it when it is missing or not JSON."""
+def read_json(path, what="file", obj=False):
+    """A JSON file, or a one-line SystemExit naming it when it is missing or not JSON (or, with obj=True,
+    when it holds something other than a JSON object, the {key: value} record every zsi run writes)."""
     try:
         with open(path) as fh:
-            return json.load(fh)
+            value = json.load(fh)
     except FileNotFoundError:
         raise SystemExit(f"error: {what} {path} does not exist") from None
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {what} {path} is not readable JSON ({type(e).__name__})") from None
+    if obj and not isinstance(value, dict):
+        raise SystemExit(f"error: {what} {path} holds a JSON {type(value).__name__}, not the object a zsi run writes")
+    return value
 
 
 def write_npz(path, **arrays):

@@ -102,6 +102,9 @@ def source_flags(cfg):
                                       csv=["--csv", cfg.csv], digits=[])[cfg.data]]
 
 
+FILTER_PROG = "filter_data.py (from train.py and its --filter-args)"  # who an error line names
+
+
 def filter_argv(cfg):
     """The filter_data.py command line of a run: output OUT/filter, images of --image-size.
     --filter-args come last, so they may override any of these (e.g. --out to share one filter)."""
@@ -129,7 +132,11 @@ def check(cfg, parser):
         shlex.split(cfg.filter_args)
     except ValueError as e:
         parser.error(f"--filter-args: {e}")
-    filter_data.read_dataset(filter_data.parse_args(filter_argv(cfg)))  # one-line errors (exit 1 or 2)
+    fargs = filter_data.parse_args(filter_argv(cfg), prog=FILTER_PROG)  # one-line errors (exit 1 or 2)
+    if fargs.size != cfg.image_size:  # else the filter would run for hours before training_set refuses it
+        parser.error(f"--filter-args sets --size {fargs.size}, but --image-size is {cfg.image_size}; drop --size "
+                     f"from --filter-args")
+    filter_data.read_dataset(fargs)
 
 
 def filter_finished(args):

@@ -14,7 +14,7 @@ measured in image widths. The training bands are then z <= 0.18 and z >= 0.82 (1
 52.5/64), symmetric under the flip (z -> 1 - z), and the unseen middle band used for evaluation is
 z in [0.2, 0.8] (MIDDLE_BAND), i.e. columns 13..50 at S = 64.
 
-Smaller images for the CPU preset: S must be 64 / k for an integer k (64, 32, 16, ...). With
+Smaller images for the CPU preset: S must be 64 / k for an integer k (64, 32, 16 or 8). With
 f = S / 64, the radius is r = 2 f and every 64-pixel centre c maps to floor(c * f), duplicates
 removed. At S = 32: r = 1 (a 5-pixel plus shape), x in {1..5} U {26..30}, y in {1..30}, so
 10 * 30 = 300 images; the middle band is columns 6..25. At S = 16, r = 0.5 is a single pixel.
@@ -50,10 +50,13 @@ MIDDLE_BAND = (0.2, 0.8)        # unseen band of z used for the "accuracy" of Se
 REGIONS = ("train", "middle", "all", "left", "right", "corners")
 
 
+MIN_SIZE = 8  # at S = 2 the training columns land inside the middle band; below 8 nothing is left to learn
+
+
 def check_size(size):
-    """Refuse sizes that are not 64 / k for an integer k (the grid mapping needs an integer k)."""
-    if not isinstance(size, (int, np.integer)) or size < 1 or PAPER_SIZE % size != 0:
-        raise ValueError(f"image size must be 64 / k for an integer k (64, 32, 16, ...), got {size!r}")
+    """Refuse sizes that are not 64 / k for an integer k (the grid mapping needs an integer k), or below 8."""
+    if not isinstance(size, (int, np.integer)) or size < MIN_SIZE or PAPER_SIZE % size != 0:
+        raise ValueError(f"image size must be 64 / k for an integer k (64, 32, 16 or 8), got {size!r}")
     return int(size)
 
 
@@ -269,11 +272,14 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="output folder (created)")
     parser.add_argument("--size", type=_size_arg, default=64, help="image side, 64 / k (64 = paper, 32 = CPU preset)")
     parser.add_argument("--region", choices=REGIONS, default="train", help="which centres to draw")
+    plumbing.add_flags(parser, "overwrite")
     args = parser.parse_args(argv)
     plumbing.check_out_folder(args.out)
+    name = f"circles_{args.region}_{args.size}.png"
+    plumbing.refuse_overwrite(args.out, [name], args.overwrite)
     data = make_circles(args.size, args.region)
     xs, ys = data["centres"][:, 0], data["centres"][:, 1]
-    path = os.path.join(args.out, f"circles_{args.region}_{args.size}.png")
+    path = os.path.join(args.out, name)
     plumbing.save_grid(data["images"], path, scale=max(1, PAPER_SIZE // args.size))  # small images shown at 64 px
     print(f"{len(xs)} images of {args.size}x{args.size}, radius {default_radius(args.size):g}, region {args.region}")
     print(f"labels: {int((data['labels'] == 0).sum())} left (0), {int((data['labels'] == 1).sum())} right (1)")

@@ -78,7 +78,8 @@ class Config:
     unet: str = field(default="cpu", metadata={"help": "U-Net preset in unet.py", "choices": sorted(unet.PRESETS)})
     dit: str = field(default="cpu", metadata={"help": "DiT preset in dit.py (with --backbone dit)",
                                               "choices": sorted(dit.PRESETS)})
-    attention: str = field(default="", metadata={"help": "override attention resolutions, e.g. 16,8 ('' = preset's)"})
+    attention: str = field(default="", metadata={"help": "override attention resolutions (feature-map sizes), e.g. 16,8, "
+                                                 "or none ('' = preset's)"})
     T: int = field(default=1000, metadata={"help": "diffusion steps"})
     schedule: str = field(default="cosine", metadata={"help": "noise schedule", "choices": ["cosine", "linear"]})
     learn_sigma: bool = field(default=True, metadata={"help": "learned variance (Eq. 8)"})
@@ -211,10 +212,10 @@ def parse_config(argv=None):
     values.update({k: v for k, v in vars(args).items() if v is not None and k not in ("paper", "quick", "print_config", "variance")})
     cfg = Config(**values)
     cfg.out = cfg.out or os.path.join("runs", data + ("_paper" if args.paper else "_quick" if args.quick else ""))
+    check_config(cfg, parser, numbers_only=args.print_config)
     if args.print_config:
         print(json.dumps(resolved_config(cfg), indent=2))
         raise SystemExit(0)
-    check_config(cfg, parser)
     return cfg
 
 
@@ -223,7 +224,8 @@ def resolved_config(cfg):
     arguments, and the optimisation settings of each network (fit.FitSettings)."""
     model_cfg = (dit.PRESETS[cfg.dit] if cfg.backbone == "dit" else
                  {**unet.PRESETS[cfg.unet], "image_size": cfg.image_size, "learn_sigma": cfg.learn_sigma,
-                  **({"attention_resolutions": tuple(int(r) for r in cfg.attention.split(","))} if cfg.attention else {})})
+                  **({"attention_resolutions": unet.parse_attention(cfg.attention, cfg.unet, cfg.image_size)}
+                     if cfg.attention else {})})
     clf_cfg = {**classifier.PRESETS[cfg.clf], "image_size": cfg.image_size, "num_classes": DATA[cfg.data]["classes"]}
     clf_fit = fit_settings(cfg, steps=cfg.clf_steps, batch=cfg.clf_batch, lr=cfg.clf_lr, warmup=0, ema=0.0, stream=1,
                            schedule="constant")
@@ -244,9 +246,10 @@ def identity_diff(old, new):
     return sorted(k for k in new if old.get(k, defaults.get(k)) != new[k])
 
 
-def check_config(cfg, parser):
-    """Refuse numbers that cannot work, naming the flag."""
-    ranges = {"T": (">= 2 (a chain needs two steps)", lambda v: v >= 2),
+def check_config(cfg, parser, numbers_only=False):
+    """Refuse numbers that cannot work, naming the flag; then (unless numbers_only, for --print-config) the
+    output folder, the device and the input data."""
+    ranges = {"T": (">= 2 (a chain needs two steps)", lambda v: v >= 2), "seed": (">= 0", lambda v: v >= 0),
               **dict.fromkeys(("steps", "batch", "image_size", "log_every", "ckpt_every", "n_samples",
                                "sample_batch", "clf_steps", "clf_batch", "runs", "lr", "clf_lr"), ("> 0", lambda v: v > 0)),
               **dict.fromkeys(("regressor_steps", "grid_every", "stop_at", "warmup", "weight_decay", "grad_clip",
@@ -257,35 +260,31 @@ def check_config(cfg, parser):
             parser.error(f"--{name.replace('_', '-')} must be {wanted}, got {getattr(cfg, name)}")
     if cfg.heatmap_t >= cfg.T:
         parser.error(f"--heatmap-t must be a chain step below --T {cfg.T}, got {cfg.heatmap_t}")
-    for name in ("train_respacing", "sample_respacing"):
-        try:
-            ddpm.check_chain(cfg.T, getattr(cfg, name) or None)  # '' = every step
-        except ValueError as e:
-            parser.error(f"--{name.replace('_', '-')}: {e}")
+    for name in ("train_respacing", "sample_respacing"):  # '' = every step
+        plumbing.vet(parser, f"--{name.replace('_', '-')}", ddpm.check_chain, cfg.T, getattr(cfg, name) or None)
+    plumbing.vet(parser, "--T", ddpm.check_schedule, cfg.schedule, cfg.T)
     for name in ("lambdas", "lambda_sweep"):
-        try:
-            values = plumbing.float_list(getattr(cfg, name))
-        except argparse.ArgumentTypeError as e:
-            parser.error(f"--{name.replace('_', '-')}: {e}")
+        values = plumbing.vet(parser, f"--{name.replace('_', '-')}", plumbing.float_list, getattr(cfg, name))
         classes = DATA[cfg.data]["classes"]
         if name == "lambdas" and len(values) != classes:
             parser.error(f"--lambdas wants one weight per class ({classes} for {cfg.data}: "
                          f"{'left,right' if classes == 2 else 'the 4 quadrants'}), got {len(values)}")
     if cfg.backbone == "dit" and cfg.attention:
         parser.error("--attention sets U-Net attention resolutions; it does not apply to --backbone dit")
-    if cfg.attention and not all(r.strip().isdigit() and int(r) > 0 for r in cfg.attention.split(",")):
-        parser.error(f"--attention wants feature-map sizes, e.g. 16,8, got {cfg.attention!r}")
+    if cfg.attention and cfg.backbone == "unet":
+        plumbing.vet(parser, "--attention", unet.parse_attention, cfg.attention, cfg.unet, cfg.image_size)
+    if cfg.classes and cfg.data != "folder":
+        parser.error(f"--classes names two class folders of --data folder; --data {cfg.data} does not use it")
     if cfg.data in ("circles", "corners"):
-        try:
-            toy_circles.check_size(cfg.image_size)
-        except ValueError as e:
-            parser.error(f"--image-size: {e}")
+        plumbing.vet(parser, "--image-size", toy_circles.check_size, cfg.image_size)
     elif cfg.image_size % 8:
         parser.error(f"--image-size must be a multiple of 8 (the U-Net halves it three times), got {cfg.image_size}")
     if cfg.loss == "simple" and cfg.learn_sigma:
         parser.error("--loss simple trains no variance: add --no-learn-sigma, or use --loss hybrid")
     if cfg.resume and cfg.overwrite:
         parser.error("--resume continues the run in --out and --overwrite replaces it: pass one of them")
+    if numbers_only:
+        return
     plumbing.check_out_folder(cfg.out)
     estimated = cfg.data in real_images.DATA_NAMES and "paper" in (cfg.unet, cfg.clf)  # estimate, then refuse or fp32
     if cfg.precision == "fp16" and plumbing.check_device(cfg.device).type != "cuda" and not estimated:
@@ -307,7 +306,7 @@ def build_ddpm(cfg, **unet_overrides):
     num_classes = DATA[cfg.data]["classes"] if cfg.guidance == "free" else 0
     overrides = dict(image_size=cfg.image_size, learn_sigma=cfg.learn_sigma, num_classes=num_classes)
     if cfg.attention:
-        overrides["attention_resolutions"] = tuple(int(r) for r in cfg.attention.split(","))
+        overrides["attention_resolutions"] = unet.parse_attention(cfg.attention, cfg.unet, cfg.image_size)
     overrides.update(unet_overrides)
     if cfg.backbone == "dit":  # App. J: the same diffusion with a transformer denoiser
         model = dit.build_dit(cfg.dit, image_size=cfg.image_size, learn_sigma=cfg.learn_sigma, num_classes=num_classes)
@@ -613,7 +612,7 @@ def check_out(cfg):
         raise SystemExit(f"train.py: --out {cfg.out} already holds a run (config.json); pass --resume to "
                          f"continue it, --overwrite to start afresh, or choose another --out")
     if cfg.resume:
-        old = plumbing.read_json(config_path, "run record")
+        old = plumbing.read_json(config_path, "run record", obj=True)
         if cfg.lr_schedule == "cosine" and old.get("steps") != cfg.steps:
             raise SystemExit(f"train.py: cannot --resume {cfg.out} with --steps {cfg.steps}: its cosine learning-rate "
                              f"schedule ends at step {old.get('steps')}")

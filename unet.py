@@ -36,7 +36,6 @@ its checkpoints do not load here; models are trained from scratch in this projec
 Run:  python unet.py --preset cpu            (config, parameter count, output shape)
       python unet.py --preset paper --attention 16,8   (the authors' released-config variant)
 """
-import argparse
 import json
 import math
 
@@ -44,6 +43,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+import plumbing
 
 
 def timestep_embedding(t, dim, max_period=10000):
@@ -361,24 +362,48 @@ def build_unet(preset, **overrides):
     return UNet(**{**PRESETS[preset], **overrides})
 
 
+def feature_map_sizes(image_size, channel_mult, stem=1, **_):
+    """The resolutions of the U-Net's levels, image_size / stem halved at each level after the first:
+    the sizes that attention_resolutions may name (cpu preset at 32: [16, 8, 4])."""
+    return [image_size // stem // 2 ** level for level in range(len(channel_mult))]
+
+
+def parse_attention(text, preset, image_size):
+    """--attention for a preset at image_size: '16,8' -> (16, 8); 'none' -> () (no attention in the levels;
+    the middle block keeps its own). ValueError unless every size is one of the U-Net's feature-map sizes
+    (a size that no level has would silently drop the attention there)."""
+    sizes = feature_map_sizes(**{**PRESETS[preset], "image_size": image_size})
+    if text.strip() == "none":
+        return ()
+    try:
+        wanted = tuple(int(r) for r in text.split(","))
+    except ValueError:
+        raise ValueError(f"wants feature-map sizes, e.g. 16,8, or none; got {text!r}") from None
+    if not wanted or any(r not in sizes for r in wanted):
+        raise ValueError(f"{text!r} names a size that is not one of this U-Net's feature maps "
+                         f"{', '.join(map(str, sizes))} (or none)")
+    return wanted
+
+
 def count_params(model):
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def main():
-    parser = argparse.ArgumentParser(description="Build a preset U-Net; print its config, size and output shape.")
+def main(argv=None):
+    parser = plumbing.OneLineParser(description="Build a preset U-Net; print its config, size and output shape.")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="named UNet config")
-    parser.add_argument("--attention", type=str, default=None,
-                        help="override attention resolutions (feature-map sizes), e.g. 16,8")
-    parser.add_argument("--batch", type=int, default=2, help="batch size of the random test input")
-    args = parser.parse_args()
+    parser.add_argument("--attention", type=str, default="",
+                        help="override attention resolutions (feature-map sizes), e.g. 16,8, or none ('' = preset's)")
+    parser.add_argument("--batch", type=plumbing.positive_int, default=2, help="batch size of the random test input")
+    args = parser.parse_args(argv)
     overrides = {}
-    if args.attention is not None:
+    if args.attention:
         try:
-            overrides["attention_resolutions"] = tuple(int(r) for r in args.attention.split(","))
-        except ValueError:
-            parser.error(f"--attention wants comma-separated integers, got {args.attention!r}")
+            overrides["attention_resolutions"] = parse_attention(args.attention, args.preset,
+                                                                 PRESETS[args.preset]["image_size"])
+        except ValueError as e:
+            parser.error(f"--attention {e}")
     model = build_unet(args.preset, **overrides)
     print(json.dumps(model.config, indent=2))
     print(f"parameters: {count_params(model):,}")

@@ -65,6 +65,9 @@ def files(tmp_path_factory):
     np.save(f["badscores"], np.array([0.1, 2.0, np.nan]))
     open(f["notes"], "w").write("a file, not a folder\n")
     os.makedirs(f["dir"])
+    f["listrun"] = str(d / "listrun")                          # a run folder whose config.json is a JSON list
+    os.makedirs(f["listrun"])
+    open(os.path.join(f["listrun"], "config.json"), "w").write("[]\n")
     f["below_file"] = os.path.join(f["notes"], "out")
     f["out"] = str(d / "never")
     return f
@@ -108,7 +111,15 @@ def cases():
     add("train", t, "--sample-respacing", ["0", "1", "ddim0", "abc", "5000", "-3"])
     add("train", t, "--train-respacing", ["abc", "5000", "1"])
     add("train", t, "--T", ["1"], "--T")
-    add("train", t, "--attention", ["x", "16,y", "0"])
+    add("train", t, "--attention", ["x", "16,y", "0", "7", "32"])   # 7, 32: no feature map of the cpu U-Net
+    add("train", t, "--seed", ["-1"])
+    out.append(("train linear T 10", "train", t + ["--schedule", "linear", "--T", "10", "--sample-respacing", "5"], "--T"))
+    out.append(("train --classes circles", "train", t + ["--classes", "a,b"], "--classes"))
+    out.append(("train --classes csv", "train", t + ["--data", "csv", "--csv", "{notes}", "--classes", "a,b"], "--classes"))
+    out.append(("train --print-config bad", "train", t + ["--print-config", "--steps", "-5"], "--steps"))
+    out.append(("train --resume list config", "train", ["--threads", "1", "--out", "{listrun}", "--resume"], "config.json"))
+    out.append(("train filter-args size", "train", t + ["--data", "folder", "--root", "{dir}", "--filter-args",
+                                                        "--size 16"], "--filter-args"))
     add("train", t, "--image-size", ["33", "7"])
     add("train", t, "--heatmap-t", ["1000", "5000"])
     add("train", ["--out", "{out}"], "--device", BAD_DEVICE, "device")
@@ -135,7 +146,7 @@ def cases():
     m = ["--ddpm", "{ddpm}", "--classifier", "{clf}", "--out", "{out}", "--threads", "1"]
     add("multiguide", m, "--n-samples", BAD_POS_INT)
     add("multiguide", m, "--batch", BAD_POS_INT)
-    add("multiguide", m, "--seed", BAD_INT)
+    add("multiguide", m, "--seed", BAD_INT + ["-1"])
     add("multiguide", m, "--threads", BAD_NONNEG_INT)
     add("multiguide", m, "--eta", BAD_FLOAT + ["-0.5"])
     add("multiguide", m, "--lambdas", ["30", "30,30,30", "a,b", "nan,1", "1,-inf", ""])
@@ -195,6 +206,9 @@ def cases():
     add("filter_data", fd, "--per-side", ["10", "a,b", "0,5", "-1,2"])
     add("filter_data", fd, "--oversample", ["2", "0,1"])
     add("filter_data", fd, "--subset", ["100k"])
+    add("filter_data", fd, "--classes", ["a,a", "a"])
+    add("filter_data", fd, "--seed", ["-1"])
+    out.append(("filter_data cache is a file", "filter_data", fd + ["--cache", "{notes}"], "--cache"))
     add("filter_data", fd, "--device", BAD_DEVICE, "device")
     add("filter_data", fd, "--threads", BAD_NONNEG_INT)
     add("filter_data", ["--data", "folder", "--root", "{dir}"], "--out", ["{notes}", "{below_file}"], "is a file")
@@ -251,12 +265,20 @@ def cases():
     add("classifier", c, "--device", BAD_DEVICE, "device")
     add("classifier", ["--out", "{out}"], "--ckpt", ["{evil}", "{cut}", "{ddpm}", "{old}", "{out}.pt"], "")
     add("classifier", ["--ckpt", "{clf}"], "--out", ["{notes}", "{below_file}"], "is a file")
-    add("toy_circles", ["--out", "{out}"], "--size", ["33", "0", "-8", "x", "128"], "--size")
+    add("toy_circles", ["--out", "{out}"], "--size", ["33", "0", "-8", "x", "128", "4", "2", "1"], "--size")
+    add("digits", ["--out", "{out}"], "--seed", ["-1", "x"])
+    add("unet", [], "--attention", ["7", "x", "16,y"])
+    add("unet", [], "--batch", BAD_POS_INT)
+    for flag in ("--batch", "--reps", "--threads"):
+        add("dit", [], flag, BAD_POS_INT)
+    add("dit", [], "--preset", ["huge"])
     add("toy_circles", ["--out", "{out}"], "--region", ["top"], "--region")
     add("toy_circles", [], "--out", ["{notes}", "{below_file}"], "is a file")
     add("ddpm", [], "--T", BAD_POS_INT + ["1"])
     add("ddpm", [], "--sample-steps", ["0", "1", "abc", "ddim0", "9999"])
     add("ddpm", [], "--out", ["{notes}", "{below_file}"], "is a file")
+    out.append(("ddpm linear T 10", "ddpm", ["--schedule", "linear", "--T", "10", "--sample-steps", "5"], "--T"))
+    out.append(("ddpm --out draws linear T 10", "ddpm", ["--T", "10", "--sample-steps", "5", "--out", "{out}"], "--T"))
     out.append(("report no results", "report", ["{dir}"], "results.json"))
     out.append(("report not a folder", "report", ["{notes}"], "results.json"))
     return out
@@ -306,3 +328,41 @@ def test_bad_input_is_refused_in_one_line(name, script, argv, word, files, monke
     assert named, f"{name}: the message names neither {word!r} nor the file: {err!r}"
     assert snapshot(watched) == before, f"{name}: something was written"
     assert not os.path.exists(MARKER), f"{name}: a checkpoint ran code"
+
+
+@pytest.mark.parametrize("script, argv, name", [
+    ("toy_circles", ["--size", "16"], "circles_train_16.png"),
+    ("digits", [], "digits_grid_16.png"),
+    ("ddpm", ["--T", "100", "--sample-steps", "5"], "forward_process.png")])
+def test_a_second_run_does_not_replace_outputs_without_overwrite(script, argv, name, tmp_path, monkeypatch, capsys):
+    module, out = importlib.import_module(script), str(tmp_path / "out")
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *argv, "--out", out])
+    module.main()
+    before = snapshot([out])
+    with pytest.raises(SystemExit) as exc:
+        module.main()
+    assert "--overwrite" in str(exc.value.code) and name in str(exc.value.code)
+    assert snapshot([out]) == before
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *argv, "--out", out, "--overwrite"])
+    module.main()
+    assert os.path.isfile(os.path.join(out, name))
+
+
+def test_resuming_from_a_checkpoint_of_another_kind_or_shape_is_one_line(files):
+    """fit's resume refuses a classifier where a DDPM checkpoint should be, and weights of another network."""
+    def restore(path, model, kind="ddpm"):
+        opt = torch.optim.AdamW(model.parameters())
+        return fit._restore(path, {}, model, None, opt, torch.amp.GradScaler("cpu", enabled=False), "t", False, kind)
+    with pytest.raises(plumbing.CheckpointError, match="holds a 'classifier' model, expected a 'ddpm'"):
+        restore(files["clf"], unet.build_unet("tiny", image_size=16))
+    with pytest.raises(plumbing.CheckpointError, match="do not fit this network"):
+        restore(files["ddpm"], unet.build_unet("cpu"))
+
+
+def test_atomic_writes_get_the_mode_open_would_give(tmp_path):
+    """mkstemp makes 0600 files; outputs must be readable as any file the user writes (umask applies)."""
+    path = tmp_path / "x.json"
+    plumbing.write_json({"a": 1}, str(path))
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert (os.stat(path).st_mode & 0o777) == (0o666 & ~mask)

@@ -65,7 +65,7 @@ import filter_data
 import multiguide
 import plumbing
 from plumbing import save_figure, save_grid, to_tensor, write_bytes_atomically, write_json
-from toy_circles import MIDDLE_BAND, default_radius, draw_disc, grid_positions, make_circles, normalized_x
+from toy_circles import MIDDLE_BAND, check_size, default_radius, draw_disc, grid_positions, make_circles, normalized_x
 
 
 # ----------------------------------------------------------------------------------------------
@@ -617,6 +617,10 @@ def _load_scores(path):
 
 def run_circles(args):
     images = _load_samples(args.samples)
+    try:  # the detector's histogram maps pixels onto the data set's grid: sizes 64 / k only (before any file)
+        check_size(images.shape[1])
+    except ValueError as err:
+        _fail(f"--samples {args.samples}: {err}")
     stats = circle_stats(images, threshold=args.threshold)
     counts = np.bincount(np.minimum(stats["n_circles"], 3), minlength=4)  # 0, 1, 2, 3+
     summary = dict(samples=args.samples, n=stats["n"], size=stats["size"], band=list(stats["band"]),
@@ -707,14 +711,19 @@ def plot_loss_by_t(rows, path, title):
 
 
 def run_loss_by_t(args):
-    rows, images = [], None
+    # 1. load and check every checkpoint (and the images) before any loss is computed: a bad second file
+    #    must not cost the first one's evaluation
+    checked, x0 = [], None
     for path in args.ddpm:
         try:
             model, d, _ = multiguide.load_models(path, device=args.device)
+            ck = plumbing.load_checkpoint(path, "ddpm")          # the step and backbone for the label
         except plumbing.CheckpointError as err:
             _fail(f"--ddpm: {err}")
-        size = model.config["image_size"]
-        if images is None:
+        size, channels = model.config["image_size"], model.config.get("in_channels", 3)
+        if channels != 3:
+            _fail(f"--ddpm {path}: a {channels}-channel DDPM; loss-by-t scores RGB images (3 channels)")
+        if x0 is None:
             images, _ = _training_images(args.train, size)
             if images.shape[1] != size:
                 _fail(f"--train {args.train}: images are {images.shape[1]} pixels, the DDPM {path} is {size}")
@@ -722,17 +731,22 @@ def run_loss_by_t(args):
             x0 = to_tensor(images[np.sort(pick)]).to(args.device)
         elif x0.shape[-1] != size:
             _fail(f"--ddpm {path}: {size}-pixel images, the first checkpoint's are {x0.shape[-1]}")
-        diffusion = ddpm.diffusion_from_config(d)
+        try:
+            diffusion = ddpm.diffusion_from_config(d)
+        except (KeyError, TypeError, ValueError) as err:
+            _fail(f"--ddpm {path}: its diffusion settings do not rebuild ({type(err).__name__}: {err})")
         T = diffusion.num_timesteps
         ts = args.t if args.t else sorted({min(T - 1, round(f * T)) for f in LOSS_T_FRACTIONS})
-        try:
-            r = diffusion.losses_by_timestep(model, x0, ts, seed=args.seed)
-        except ValueError as err:
-            _fail(f"--t: {err} ({path})")
-        ck = plumbing.load_checkpoint(path, "ddpm")
-        step = ck.get("step")
-        backbone = ck.get("backbone", "unet")
-        r.update(path=path, backbone=backbone, step=step, T=T, label=f"{backbone} step {step} ({path})")
+        if max(ts) >= T:
+            _fail(f"--t: timestep {max(ts)} is outside this diffusion's chain 0 .. {T - 1} ({path})")
+        checked.append((path, model, diffusion, ts, ck.get("step"), ck.get("backbone", "unet")))
+        del ck                                                    # its weights are in `model` already
+    # 2. compute
+    rows = []
+    for path, model, diffusion, ts, step, backbone in checked:
+        r = diffusion.losses_by_timestep(model, x0, ts, seed=args.seed)
+        r.update(path=path, backbone=backbone, step=step, T=diffusion.num_timesteps,
+                 label=f"{backbone} step {step} ({path})")
         rows.append(r)
         print(f"{r['label']}: " + ", ".join(f"t {t}: {m:.4f}" for t, m in zip(r["t"], r["mse"])))
     write_json(dict(train=args.train, n=int(len(x0)), seed=args.seed, checkpoints=rows),

@@ -102,6 +102,7 @@ import multiguide
 import plumbing
 import toy_circles
 import train
+import unet
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,7 +120,7 @@ class GenConfig:
     size: int = field(default=32, metadata={"help": "image side in pixels"})
     radius: float = field(default=2.5, metadata={"help": "disc radius in pixels"})
     # --- DDPM: train.py's recipe, identical for every N and both models ---
-    unet: str = field(default="cpu", metadata={"help": "base U-Net preset (unet.PRESETS)"})
+    unet: str = field(default="cpu", metadata={"help": "base U-Net preset (unet.PRESETS)", "choices": sorted(unet.PRESETS)})
     channels: int = field(default=32, metadata={"help": "U-Net model_channels"})
     attention: str = field(default="none", metadata={"help": "attention resolutions, e.g. 8, or 'none' (jacrev "
                                                              "through attention is 3x slower on the CPU)"})
@@ -195,11 +196,14 @@ def parse_config(argv=None):
 
 def check_config(cfg):
     """Refuse numbers that cannot work (ValueError naming the flag)."""
-    for name in ("pool", "size", "steps", "batch", "T", "channels", "n_eval", "jac_images", "twist_n_samples", "clf_steps"):
+    for name in ("pool", "size", "steps", "batch", "T", "channels", "n_eval", "jac_images", "twist_n_samples",
+                 "clf_channels", "clf_steps"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     if cfg.T < 2:
         raise ValueError(f"--T must be >= 2 (a chain needs two steps), got {cfg.T}")
+    if cfg.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {cfg.seed}")
     if cfg.n_samples < 1:
         raise ValueError(f"--n-samples (samples per model) must be at least 1, got {cfg.n_samples}")
     ns = parse_ints(cfg.ns, "ns")
@@ -234,8 +238,35 @@ def check_config(cfg):
     toy_circles.continuous_x_range(cfg.size, "all", cfg.radius)
     if cfg.twist_n:
         toy_circles.continuous_x_range(cfg.size, "left", cfg.radius)
+    check_networks(cfg)
     plumbing.check_out_folder(cfg.out)
     plumbing.check_device(cfg.device)
+
+
+def check_networks(cfg):
+    """Refuse (ValueError naming the flags) a U-Net or twist classifier that cannot be built for --size,
+    --channels, --attention, --clf-channels: each is built once on the meta device (no memory, no time)."""
+    if cfg.unet not in unet.PRESETS:
+        raise ValueError(f"--unet must be one of {', '.join(sorted(unet.PRESETS))}, got {cfg.unet!r}")
+    try:
+        unet.parse_attention(cfg.attention, cfg.unet, cfg.size)
+    except ValueError as e:
+        raise ValueError(f"--attention: {e}") from None
+    nets = [(f"--unet {cfg.unet}", unet.PRESETS[cfg.unet], f"--channels {cfg.channels}",
+             lambda: unet.build_unet(cfg.unet, image_size=cfg.size, learn_sigma=False, **unet_overrides(cfg)))]
+    if cfg.twist_n:
+        nets.append(("the twist's classifier (--twist-n > 0)", classifier.PRESETS["cpu"], f"--clf-channels {cfg.clf_channels}",
+                     lambda: classifier.build_classifier("cpu", image_size=cfg.size, in_channels=1,
+                                                         model_channels=cfg.clf_channels)))
+    for name, preset, width, build in nets:
+        multiple = preset["stem"] * 2 ** (len(preset["channel_mult"]) - 1)   # each level halves the feature map
+        if cfg.size % multiple:
+            raise ValueError(f"--size must be a multiple of {multiple} for {name}, got {cfg.size}")
+        try:
+            with torch.device("meta"):
+                build()
+        except ValueError as e:  # e.g. channels that do not split into attention heads
+            raise ValueError(f"{width} does not fit {name}: {e}") from None
 
 
 def ddpm_config(cfg, out):

@@ -26,8 +26,12 @@ PAPER_CIRCLES = dict(accuracy=(0.78, 0.087), bad=(0.0425, 0.0245), spectral_best
 
 def render(out):
     """Read OUT/results.json; write OUT/report.md and the figures it shows. Returns the markdown."""
-    r = plumbing.read_json(os.path.join(out, "results.json"), "results file")
+    path = os.path.join(out, "results.json")
+    r = plumbing.read_json(path, "results file", obj=True)
     kind = r.get("data")
+    if kind not in ("circles", "corners") and not isinstance(r.get("rows"), list):  # e.g. generalization.py's
+        raise SystemExit(f"error: {path} is not the results of a train.py run (neither circles/corners data nor "
+                         f"'rows' of real images); report.py renders train.py runs only")
     if kind in ("circles", "corners"):
         circles_figures(out, r)
         text = circles_report(r)
@@ -462,7 +466,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not os.path.isfile(os.path.join(args.run, "results.json")):
         parser.error(f"{args.run} holds no results.json; give the --out folder of a finished train.py run")
-    render(args.run)
+    try:
+        render(args.run)
+    except KeyError as e:  # written by another version of train.py, or edited by hand
+        parser.error(f"{os.path.join(args.run, 'results.json')} lacks the key {e}; rerun train.py to rebuild it")
     print(f"report: {os.path.join(args.run, 'report.md')}")
 
 

@@ -743,6 +743,10 @@ def prepare(args):
     if not editable and any(os.path.realpath(s) != os.path.realpath(args.reference) for s in args.submissions):
         raise GradeError(f"--reference {args.reference} holds no solution region of {','.join(args.graded)} (a "
                          f"student copy?); grade submissions against the instructor's repository")
+    for sub in args.submissions:  # a folder without any graded file is a wrong path, not a submission worth 0
+        if editable and not any(os.path.lexists(os.path.join(sub, rel)) for rel in editable):
+            raise GradeError(f"submission {sub} holds none of the files graded for {','.join(args.graded)} "
+                             f"({', '.join(editable)}); expected a student copy (assignments/build.py)")
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{PLUGIN}.py"), "rb") as fh:
         plugin_source = fh.read()
     return snap, editable, plugin_source

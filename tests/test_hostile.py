@@ -249,6 +249,7 @@ def cases():
                  "--clf-steps", "--jac-images"):
         add("generalization", g, flag, BAD_POS_INT)
     add("generalization", g, "--T", ["1"])
+    add("generalization", g, "--seed", ["-1"])
     add("generalization", g, "--sample-steps", ["1", "abc"])
     add("generalization", g, "--ns", ["x", "0", "4,,8", "99999"])
     add("generalization", g, "--lr", BAD_POS_FLOAT)

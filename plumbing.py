@@ -6,10 +6,13 @@ imports other concept files only for their science. What lives here:
     1. Command lines: `OneLineParser` (a bad flag costs one line, exit 2, never a traceback), the
        shared flag vocabulary `add_flags` (--steps, --sample-steps, --n-samples, --batch, --seed,
        --device, --threads, --out, --overwrite mean the same in every script), old spellings refused
-       with the new name, and number checks that name the flag (`positive_int`, `finite_float`, ...).
+       with the new name, number checks that name the flag (`positive_int`, `finite_float`, ...), and
+       `vet` (a ValueError of a science check turned into a one-line error naming the flag).
     2. Where to run: `pick_device` ("auto" -> CUDA when present, else the CPU) and `set_threads`.
     3. Files: atomic writes (a temporary file in the same folder, then os.replace: a crash or a
-       kill never leaves half a file), a lock per run folder (`RunLock`: one run at a time), JSON.
+       kill never leaves half a file), a lock per run folder (`RunLock`: one run at a time), JSON,
+       and the checks before any work: an output folder (`check_out_folder`), outputs of an earlier
+       run (`refuse_overwrite`), a benchmark's --json file (`check_json_path`).
     4. Checkpoints: `save_checkpoint` / `load_checkpoint`. Loading never runs code: torch.load with
        weights_only=True, so a checkpoint may hold only tensors, numbers, strings, lists, tuples and
        dicts. A file that needs more (pickled classes, functions) is refused in one line.
@@ -293,6 +296,25 @@ def check_out_folder(path, flag="--out"):
         raise SystemExit(f"error: {flag} {path}: {probe} is a file; expected a folder")
     if os.path.isdir(probe) and not os.access(probe, os.W_OK | os.X_OK):
         raise SystemExit(f"error: {flag} {path}: {probe} is not writable")
+
+
+def check_json_path(parser, path, overwrite, flag="--json"):
+    """Before a benchmark times anything: refuse, with parser.error (one line, exit 2), a --json PATH that
+    cannot be written as a file (a folder, a path below a file or in an unwritable folder), or an
+    existing file without --overwrite. The file is then written with write_json (atomically)."""
+    if not path:
+        return
+    if os.path.isdir(path):
+        parser.error(f"{flag} {path} is a folder; expected a file name, e.g. {os.path.join(path, 'results.json')}")
+    probe = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(probe):                  # the deepest folder that exists: the one we would create in
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        parser.error(f"{flag} {path}: {probe} is a file; expected a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        parser.error(f"{flag} {path}: {probe} is not writable")
+    if os.path.exists(path) and not overwrite:
+        parser.error(f"{flag} {path} already exists; pass --overwrite to replace it, or choose another {flag}")
 
 
 def refuse_overwrite(folder, names, overwrite, flag="--out"):

@@ -131,11 +131,25 @@ def table(results):
     return lines
 
 
+def check_run_flags(p, args, run, cfg):
+    """--lambdas and --sample-steps against one run, before any work: one weight per class of its
+    classifier (as many as the run's own lambdas), and a chain of at least 2 of its T steps."""
+    if args.lambdas:
+        lambdas = plumbing.vet(p, "--lambdas", plumbing.float_list, args.lambdas)
+        classes = len(plumbing.float_list(cfg.get("lambdas", "")))
+        if len(lambdas) != classes:
+            p.error(f"--lambdas wants one weight per class ({classes} for RUN {run}), got {args.lambdas!r}")
+    if args.sample_steps:
+        plumbing.vet(p, f"--sample-steps for RUN {run}", ddpm.check_chain, cfg.get("T", 1000), args.sample_steps)
+
+
 def parse_args(argv=None):
     p = plumbing.OneLineParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", metavar="RUN", help="train.py circles run folders (ddpm.pt, classifier0.pt)")
-    p.add_argument("--lambdas", default="", help="guidance weights (default: each run's --lambdas)")
-    p.add_argument("--sample-steps", default="", help="respaced sampling steps (default: each run's)")
+    # "" stands for the run's own value; the help says so in words (the formatter shows no empty default)
+    p.add_argument("--lambdas", default="", help="guidance weights, one per class (default: each run's --lambdas)")
+    p.add_argument("--sample-steps", default="", help="respaced sampling steps: N, n1,n2,... or ddimN (default: each "
+                                                      "run's --sample-respacing)")
     plumbing.add_flags(p, "n_samples", "seed", "device", "threads", "out", "overwrite")
     args = p.parse_args(argv)
     for run in args.runs:
@@ -146,11 +160,7 @@ def parse_args(argv=None):
         data = cfg.get("data") if isinstance(cfg, dict) else None
         if data not in ("circles", "corners"):
             p.error(f"RUN {run}: a --data {data} run; the circle detector sorts circles and corners runs only")
-    if args.lambdas:
-        try:
-            plumbing.float_list(args.lambdas)
-        except Exception as e:  # argparse's ArgumentTypeError: its message says what was expected
-            p.error(f"--lambdas: {e}")
+        check_run_flags(p, args, run, cfg)
     plumbing.check_out_folder(args.out)
     plumbing.refuse_overwrite(args.out, ["bad_samples.json", "bad_samples.png"], args.overwrite)
     return args

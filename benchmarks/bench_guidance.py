@@ -23,14 +23,13 @@ Run (from the repository root; ~17 s on 2 cores, --quick ~4 s):
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_guidance.py [--quick] [--json guidance.json]
     python benchmarks/bench_guidance.py --unet tiny --clf tiny --image-size 16 --batch 8 --quick
 The exit status is 0 whether the target is met or not: PASS/FAIL is a reading, in the table and JSON.
+An existing --json file is replaced only with --overwrite (checked before the timing starts).
 
 One full run here (2 threads, CPU shared with a training run), ms per call at batch 128: unguided
 step 171, guided (30,30) 280, one-class (0,30) 276, classifier forward 42, forward + backward 104:
 guided / unguided = 1.63x, PASS; the guidance overhead (108 ms) is the classifier's forward +
 backward, and one class costs what two cost.
 """
-import argparse
-import json
 import math
 import os
 import statistics
@@ -148,8 +147,7 @@ def print_table(summary):
 
 def parse_args(argv):
     parser = plumbing.OneLineParser(description="Time one multi-guided ancestral step against one unguided step "
-                                            "(App. C: one classifier forward + backward for all classes).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                            "(App. C: one classifier forward + backward for all classes).")
     parser.add_argument("--unet", choices=sorted(unet.PRESETS), default="cpu", help="U-Net preset in unet.py")
     parser.add_argument("--clf", choices=sorted(classifier_lib.PRESETS), default="cpu",
                         help="classifier preset in classifier.py")
@@ -162,7 +160,9 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true",
                         help="2 trials of 1 call, 1 warm-up (a few seconds); overrides the three above")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    parser.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    parser.add_argument("--json", default=None, help="also write the numbers to this JSON file (default: none, "
+                                                     "the table is printed only)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     args = parser.parse_args(argv)
     for name in ("image_size", "batch", "trials", "reps", "threads"):
         if getattr(args, name) < 1:
@@ -179,6 +179,7 @@ def parse_args(argv):
     if len(args.lambdas) != num_classes or not any(args.lambdas):
         parser.error(f"--lambdas wants {num_classes} weights, not all zero (one per class of "
                      f"classifier '{args.clf}'), got {args.lambdas}")
+    plumbing.check_json_path(parser, args.json, args.overwrite)  # before the timing, not after it
     if args.quick:
         args.trials, args.reps, args.warmup = 2, 1, 1
     return args
@@ -200,10 +201,9 @@ def main(argv=None):
     summary = summarize(per_trial, args.batch)
     print_table(summary)
     if args.json:
-        config = {k: v for k, v in vars(args).items() if k != "json"}
+        config = {k: v for k, v in vars(args).items() if k not in ("json", "overwrite")}
         record = dict(config=config, torch=torch.__version__, threads=torch.get_num_threads(), **summary)
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+        plumbing.write_json(record, args.json)  # atomic: a reader never sees half a file
         print(f"wrote {args.json}")
     return 0
 

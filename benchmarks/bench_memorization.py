@@ -19,12 +19,10 @@ One run here (one thread, CPU shared with a training run): 60,000 refs x 256 que
 in 9.5 s, 490 MB added (the 384 MB float64 block of 4096 rows, the samples, the products),
 against 5625 MiB for a float64 copy of the faces.
 """
-import json
 import os
 import sys
 import time
 import tracemalloc
-from pathlib import Path
 
 import numpy as np
 
@@ -40,13 +38,16 @@ def parse_args(argv=None):
     p.add_argument("--size", type=int, default=64, help="image side S (images are S x S x 3)")
     p.add_argument("--ref-chunk", type=int, default=4096, help="training images converted to float64 at a time")
     p.add_argument("--quick", action="store_true", help="6000 refs x 64 queries")
-    p.add_argument("--json", default="", help="also write the figures to this JSON file")
+    p.add_argument("--json", default="", help="also write the figures to this JSON file (default: none, the figures "
+                                              "are printed only)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     args = p.parse_args(argv)
     if args.quick:
         args.refs, args.queries = 6000, 64
     for flag in ("refs", "queries", "size", "ref_chunk"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    plumbing.check_json_path(p, args.json, args.overwrite)  # before the search, not after it
     return args
 
 
@@ -64,7 +65,7 @@ def main(argv=None):
     added_mb = (tracemalloc.get_traced_memory()[1] - before) / 2 ** 20
     tracemalloc.stop()
     # correctness on a subset: one direct float64 distance matrix
-    q = queries[:8].reshape(8, -1).astype(np.float64) / 255.0
+    q = queries[:8].reshape(min(8, len(queries)), -1).astype(np.float64) / 255.0  # fewer with --queries < 8
     r = refs[:2000].reshape(min(2000, len(refs)), -1).astype(np.float64) / 255.0
     sub = evaluate.nearest_neighbours(evaluate.image_vectors(queries[:8]), evaluate.image_vectors(refs[:2000]),
                                       ref_chunk=args.ref_chunk, scale=1.0 / 255.0)
@@ -78,8 +79,7 @@ def main(argv=None):
           f"{seconds:.1f} s, {added_mb:.0f} MB added (a float64 copy of the refs: {record['float64_copy_mb']:.0f} MB); "
           f"subset matches a direct float64 pass: {record['matches_direct']}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+        plumbing.write_json(record, args.json)  # atomic: a reader never sees half a file
         print(f"wrote {args.json}")
     return 0 if record["matches_direct"] else 1
 

@@ -27,7 +27,6 @@ UNet2DModel (1.19M parameters, 32x32) 101, so 2.6x; without our pixel-unshuffle 
 autocast: 0.94x at 32x32, 1.27x at 64x64. channels_last: 1.08x (32x32) and 1.14x (64x64) in fp32,
 but about 0.8x under bf16. The stem is the lever; the others are within the noise or small.
 """
-import argparse
 import json
 import os
 import resource
@@ -38,6 +37,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+if __name__ == "__main__":  # as a script: make zsi importable (plumbing is imported where needed, not by
+    sys.path.insert(0, str(REPO))  # the workers: a diffusers worker's peak memory stays diffusers' own)
 
 # (label, backbone, resolution, batch, bf16, channels_last); "cpu/stem1": the cpu preset without the
 # pixel-unshuffle stem, to show how much of the speed is the stem and how much the implementation
@@ -192,19 +193,28 @@ def ratios(rows):
     return out
 
 
-def main():
-    parser = argparse.ArgumentParser(description="Time unet.py's cpu preset (and diffusers, if installed).")
-    parser.add_argument("--quick", action="store_true", help="one trial, fewer steps (~1.5 min)")
-    parser.add_argument("--trials", type=int, default=3, help="interleaved repeats of every configuration")
-    parser.add_argument("--json", type=str, default=None, help="also write the results to this JSON file")
-    parser.add_argument("--worker", type=str, default=None, help=argparse.SUPPRESS)  # internal
-    args = parser.parse_args()
-    if args.worker:  # child process: measure one configuration, print it as JSON
-        sys.path.insert(0, str(REPO))
-        spec = json.loads(args.worker)
+def parse_args(argv):
+    """The command line, every value checked before the first worker starts."""
+    import plumbing
+    parser = plumbing.OneLineParser(description="Time unet.py's cpu preset (and diffusers, if installed).")
+    parser.add_argument("--quick", action="store_true", help="one trial, fewer steps (~1.5 min); overrides --trials")
+    parser.add_argument("--trials", type=plumbing.positive_int, default=3,
+                        help="interleaved repeats of every configuration")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file (default: none, the "
+                                                     "table is printed only)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    args = parser.parse_args(argv)
+    plumbing.check_json_path(parser, args.json, args.overwrite)
+    return args
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--worker"] and len(argv) == 2:  # a child of run_worker: measure one configuration, print JSON
+        spec = json.loads(argv[1])
         print(json.dumps(measure(*spec["config"], spec["warmup"], spec["steps"])))
         return
-
+    args = parse_args(argv)
     trials, warmup, steps = (1, 2, 4) if args.quick else (args.trials, 3, 6)
     try:
         import diffusers  # noqa: F401  optional: only for the comparison
@@ -227,7 +237,8 @@ def main():
     for name, value in speedups.items():
         print(f"{name:<56} {value:.2f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(rows=rows, ratios=speedups), indent=2))
+        import plumbing
+        plumbing.write_json(dict(rows=rows, ratios=speedups), args.json)  # atomic: never half a file
         print(f"wrote {args.json}")
 
 

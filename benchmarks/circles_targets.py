@@ -74,7 +74,8 @@ def parse_args(argv):
                         help="passed to train.py: classifiers per DDPM (default: train.py's, 1)")
     parser.add_argument("--seeds", default=None,
                         help="comma-separated DDPM seeds, e.g. 0,1,2: one full run each, with --seed S")
-    parser.add_argument("--json", default=None, help="also write the table to this JSON file")
+    parser.add_argument("--json", default=None, help="also write the table to this JSON file (default: none, the "
+                                                     "table is printed only; an existing file needs --overwrite)")
     argv = list(sys.argv[1:] if argv is None else argv)
     after = argv[argv.index("--") + 1:] if "--" in argv else []
     before = argv[:argv.index("--")] if "--" in argv else argv
@@ -99,6 +100,9 @@ def parse_args(argv):
             parser.error(f"--seeds has a repeated seed: {args.seeds}")
     if os.path.isfile(args.out):
         parser.error(f"--out {args.out} is a file; expected a folder")
+    # before minutes of training: a --json that cannot be written, or an earlier one (--overwrite goes to
+    # train.py and, as there, allows replacing the outputs of an earlier run)
+    plumbing.check_json_path(parser, args.json, "--overwrite" in train_args)
     return args, train_args
 
 
@@ -186,8 +190,7 @@ def main(argv=None):
         record = dict(command=["train.py", "--data", "circles", *train_args], seeds=args.seeds,
                       measurements=measurements, targets=rows,
                       all_pass=all(r["verdict"] == "PASS" for r in rows))
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+        plumbing.write_json(record, args.json)  # atomic: a reader never sees half a file
         print(f"wrote {args.json}")
     return 0
 

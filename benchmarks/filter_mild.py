@@ -28,8 +28,10 @@ Configurations (CPU training scale for every one: the thresholds and step 3 diff
     thresholds   the previous default: tau1 0.9, tau2 0.99, every survivor kept (--subset all)
 
 Run:  python benchmarks/filter_mild.py --out /tmp/mild [--data faces,digits] [--seeds 0,1,2] [--n-images 1500]
-Writes OUT/filter_mild.json and OUT/filter_mild.md (the table), and prints the table.
+Writes OUT/filter_mild.json and OUT/filter_mild.md (the table), and prints the table; an OUT that holds
+them (or the faces and filter runs) needs --overwrite.
 """
+import argparse
 import os
 import sys
 from pathlib import Path
@@ -134,22 +136,35 @@ def table(rows):
     return "\n".join(lines)
 
 
+def seed_list(text):
+    """'0,1,2' -> [0, 1, 2]: filter seeds, integers >= 0, each once."""
+    try:
+        seeds = [plumbing.nonnegative_int(p.strip()) for p in text.split(",")]
+    except argparse.ArgumentTypeError:  # one bad element: the message below names the whole value
+        seeds = []
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected comma-separated distinct integers >= 0, got {text!r}")
+    return seeds
+
+
 def main(argv=None):
     parser = plumbing.OneLineParser(description="Measure how many mild images filter_data.py keeps, on data "
                                                 "with a known attribute.")
-    plumbing.add_flags(parser, "out", threads=1)
+    plumbing.add_flags(parser, "out", "overwrite", threads=1)
     parser.add_argument("--data", default="faces,digits", help="faces, digits or both (comma-separated)")
     parser.add_argument("--configs", default="default,paper,thresholds",
                         help=f"filter configurations ({', '.join(CONFIGS)})")
-    parser.add_argument("--seeds", default="0,1,2", help="filter seeds (comma-separated)")
+    parser.add_argument("--seeds", type=seed_list, default="0,1,2", help="filter seeds (comma-separated)")
     parser.add_argument("--n-images", type=plumbing.positive_int, default=1500, help="faces drawn")
     parser.add_argument("--size", type=plumbing.positive_int, default=32, help="faces: the filter's --size")
     args = parser.parse_args(argv)
     datas, configs = args.data.split(","), args.configs.split(",")
     if not set(datas) <= {"faces", "digits"} or not set(configs) <= set(CONFIGS):
         parser.error(f"--data takes faces,digits and --configs {','.join(CONFIGS)}")
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = args.seeds  # argparse runs seed_list on the default string too
     plumbing.check_out_folder(args.out)
+    plumbing.refuse_overwrite(args.out, ["filter_mild.json", "filter_mild.md", "faces"]
+                              + [f"{d}_seed{s}" for d in datas for s in seeds], args.overwrite)
     extra = ["--threads", str(args.threads), "--workers", "1"]
     rows = []
     for data in datas:

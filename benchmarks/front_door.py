@@ -10,11 +10,12 @@ from the outside (wall time, peak resident memory of the process tree) and print
 says: the filter's kept fraction and middle-band survival, and the share of guided and unguided
 samples the judge scores in [0.2, 0.8].
 
-Run:  python benchmarks/front_door.py --out /tmp/front_door [--n-images 200] [--seed 0] [--threads 0]
+Run:  python benchmarks/front_door.py --out /tmp/front_door [--n-images 200] [--seed 0] [--threads 0] [--overwrite]
 """
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -44,12 +45,14 @@ def write_folder(root, n=200, size=48, seed=0):
 
 def main(argv=None):
     parser = plumbing.OneLineParser(description="Time `train.py --data folder --quick` on a folder of 48x48 faces.")
-    plumbing.add_flags(parser, "out", "seed", "threads")
+    plumbing.add_flags(parser, "out", "seed", "threads", "overwrite")
     parser.add_argument("--n-images", type=plumbing.positive_int, default=200, help="images in the two folders")
     parser.add_argument("--full", action="store_true", help="time the default preset instead of --quick")
     args = parser.parse_args(argv)
     plumbing.check_out_folder(args.out)
+    plumbing.refuse_overwrite(args.out, ["faces", "run", "front_door.json"], args.overwrite)
     root, run = os.path.join(args.out, "faces"), os.path.join(args.out, "run")
+    shutil.rmtree(root, ignore_errors=True)  # --overwrite: faces of an earlier, larger --n-images would be trained on
     truth = write_folder(root, args.n_images, seed=args.seed)
     cmd = [sys.executable, str(REPO / "train.py"), "--data", "folder", "--root", root, "--out", run, "--overwrite",
            "--seed", str(args.seed), "--threads", str(args.threads)] + ([] if args.full else ["--quick"])

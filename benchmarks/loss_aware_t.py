@@ -11,9 +11,10 @@ Which noise levels should training show the network? `fit.ddpm_loss` draws t uni
 
 This script runs `train.py` with that draw of t in place of fit.ddpm_loss's; every option goes to
 train.py unchanged. Its history lives in memory only, so `--resume` is refused; classifier-free
-guidance (`--cfg`) is not supported. What it did to the circles default (docs/RESULTS.md, "Which t
-training should see"): L_hybrid is largest near the clean end, so it spends about two thirds of the
-draws on t < 100, and its unguided samples were empty about three times as often (seed 0).
+guidance (`--guidance free`, `--cfg`) is not supported; both are refused before anything is written.
+What it did to the circles default (docs/RESULTS.md, "Which t training should see"): L_hybrid is
+largest near the clean end, so it spends about two thirds of the draws on t < 100, and its unguided
+samples were empty about three times as often (seed 0).
 
 Run:  python benchmarks/loss_aware_t.py --data circles --seed 0 --out runs/loss_aware_t
 """
@@ -78,11 +79,16 @@ def loss_aware_ddpm_loss(diffusion, x0, hflip=True, labels=None, label_dropout=0
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    for flag in ("--resume", "--cfg", "--guidance"):
-        if flag in argv:
-            raise SystemExit(f"loss_aware_t.py: {flag} is not supported (the sampler's history is not "
-                             "checkpointed; classifier guidance only): run it without")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # train.py's parser first (abbreviations, --flag=value, every check of train.py; nothing is written),
+    # then what this sampler cannot do, read off the parsed configuration rather than the raw words
+    cfg = train.parse_config(argv)
+    if cfg.resume:
+        raise SystemExit("loss_aware_t.py: --resume is not supported (the sampler's history lives in memory, "
+                         "not in the checkpoint): start a new run without it")
+    if cfg.guidance != "classifier":
+        raise SystemExit(f"loss_aware_t.py: --guidance {cfg.guidance} (--cfg) is not supported (an unconditional "
+                         "DDPM, classifier guidance only): drop it, or use --guidance classifier")
     fit.ddpm_loss = loss_aware_ddpm_loss  # train.py calls fit.ddpm_loss: every other line is train.py's
     train.main(argv)
 

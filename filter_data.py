@@ -1109,11 +1109,17 @@ RUN_CONTROL = ("device", "workers", "threads", "cache", "overwrite", "out")  # f
 
 def check_out(args):
     """An --out that holds a filter run made with other settings is replaced only with --overwrite (the same
-    settings resume: every finished stage is reused). Checked before any work."""
+    settings resume: every finished stage is reused); one that holds another tool's run (a train.py run
+    folder, say) never is. Checked before any work."""
     path = os.path.join(args.out, "config.json")
-    if not os.path.exists(path) or args.overwrite:
+    if not os.path.exists(path):
         return
-    old = plumbing.read_json(path, "filter record")
+    old = plumbing.read_json(path, "filter record", obj=True)
+    if "tau1" not in old:  # every filter_data.py record holds its thresholds
+        _fail(f"--out {args.out} holds another tool's run (its config.json is not a filter_data.py record); "
+              f"choose another --out")
+    if args.overwrite:
+        return
     wanted = json.loads(json.dumps(dict(vars(args), device=str(args.device))))  # tuples -> lists, as stored
     diff = sorted(k for k, v in wanted.items() if k not in RUN_CONTROL and k in old and old[k] != v)
     if diff:

@@ -68,6 +68,9 @@ def files(tmp_path_factory):
     f["listrun"] = str(d / "listrun")                          # a run folder whose config.json is a JSON list
     os.makedirs(f["listrun"])
     open(os.path.join(f["listrun"], "config.json"), "w").write("[]\n")
+    f["otherrun"] = str(d / "otherrun")                        # another tool's run folder (a train.py record)
+    os.makedirs(f["otherrun"])
+    open(os.path.join(f["otherrun"], "config.json"), "w").write('{"data": "folder", "seed": 0, "steps": 950}\n')
     f["below_file"] = os.path.join(f["notes"], "out")
     f["out"] = str(d / "never")
     return f
@@ -209,6 +212,9 @@ def cases():
     add("filter_data", fd, "--classes", ["a,a", "a"])
     add("filter_data", fd, "--seed", ["-1"])
     out.append(("filter_data cache is a file", "filter_data", fd + ["--cache", "{notes}"], "--cache"))
+    for extra in ([], ["--overwrite"]):
+        out.append((f"filter_data --out another tool's run {extra}", "filter_data", ["--data", "folder", "--root", "{dir}",
+                    "--out", "{otherrun}", *extra], "another tool"))
     add("filter_data", fd, "--device", BAD_DEVICE, "device")
     add("filter_data", fd, "--threads", BAD_NONNEG_INT)
     add("filter_data", ["--data", "folder", "--root", "{dir}"], "--out", ["{notes}", "{below_file}"], "is a file")

@@ -28,6 +28,7 @@ if __name__ == "__main__":  # as a script: make zsi importable
 import torch  # noqa: E402
 
 import fit  # noqa: E402
+import plumbing  # noqa: E402
 import train  # noqa: E402
 
 
@@ -94,4 +95,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    plumbing.guard(main)

@@ -21,3 +21,17 @@ def perturbed(model, seed=0, std=0.05):
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=g) * std)
     return model
+
+
+def refused_in_one_line(main, argv, capsys, *words):
+    """main(argv) exits non-zero with one line of message holding every word, and no traceback; returns it."""
+    import pytest
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    code = exc.value.code
+    err = capsys.readouterr().err + (code if isinstance(code, str) else "")
+    assert code not in (0, None), f"{argv}: accepted (exit {code!r})"
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    for word in words:
+        assert word in err, (word, err)
+    return err

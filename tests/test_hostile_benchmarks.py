@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from conftest import ROOT  # noqa: F401  (puts the repository on sys.path)
+from conftest import ROOT, refused_in_one_line  # noqa: F401  (ROOT puts the repository on sys.path)
 import evaluate
 import fit
 import train
@@ -49,14 +49,7 @@ def tree(path):
 def refused(main, argv, capsys, folder, *words):
     """main(argv) exits non-zero with one line holding every word, no traceback, nothing changed in folder."""
     before = tree(folder)
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    code = exc.value.code
-    err = capsys.readouterr().err + (code if isinstance(code, str) else "")
-    assert code not in (0, None), f"{argv}: accepted (exit {code!r})"
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    for word in words:
-        assert word in err, (word, err)
+    err = refused_in_one_line(main, argv, capsys, *words)
     assert tree(folder) == before, f"{argv}: something was written"
     return err
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, refused_in_one_line
 import classifier
 import ddpm
 import evaluate
@@ -40,15 +40,7 @@ def tree(path):
 
 def refused(main, argv, capsys, *words):
     """main(argv) must exit non-zero with one line holding every word, and no traceback."""
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    code = exc.value.code
-    err = capsys.readouterr().err + (code if isinstance(code, str) else "")
-    assert code not in (0, None), f"accepted (exit {code!r})"
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    for word in words:
-        assert word in err, (word, err)
-    return err
+    return refused_in_one_line(main, argv, capsys, *words)
 
 
 @pytest.fixture(scope="module")

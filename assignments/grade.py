@@ -40,8 +40,10 @@ What this file is
     What a hostile submission can still do (run untrusted code in a container or as its own user):
     its code runs as your user, so it can read and write your files (the reference's hidden tests
     and solutions, other runs' folders) and signal or trace the grader's processes; inside its test
-    process it can find the signing key in memory or patch pytest more cleverly than the tamper
-    check sees; it can read the hidden tests' code during its own run; a process that double-forks
+    process it can find the signing key in memory, or forge outcomes in ways the tamper check does
+    not compare (it compares pytest's runner and report functions, the assertion helpers such as
+    pytest.approx and numpy.testing, and the code of every collected test function; a returned
+    object whose == always says True is one way it does not see); it can read the hidden tests' code during its own run; a process that double-forks
     into a new session escapes the kill of its group. Killing the fork server costs the runs in
     flight at that moment: each is run once more with a new server, and a run during which it dies
     twice scores 0 (with --jobs 1 only the killer's own run). The grader reads the reference once

@@ -23,7 +23,9 @@ What this file is
         start      a test started
         test       a test ended: outcome (passed, failed, error, skipped), the line of the test file
                    where it failed, the exception's type name, and `tampered` when pytest's own
-                   machinery (its plugins, runner and report functions) changed since collection
+                   machinery (its plugins, runner and report functions), an assertion helper
+                   (pytest.approx, numpy.testing, torch.allclose, ...) or the code of a collected
+                   test function changed since collection
         finish     pytest.main returned: its exit code
 
     What a hostile submission can still do in-process: the key is in this process's memory (a
@@ -89,16 +91,29 @@ class ImportWatch(importlib.abc.MetaPathFinder):
         return spec
 
 
-def machinery(config):
+# The comparisons the grading tests lean on: a submission that swaps one for a function that always
+# agrees would pass every test that uses it.
+ASSERTION_HELPERS = (("pytest", "approx"), ("numpy.testing", "assert_allclose"), ("numpy.testing", "assert_array_equal"),
+                     ("numpy.testing", "assert_array_almost_equal"), ("numpy.testing", "assert_equal"),
+                     ("numpy", "allclose"), ("numpy", "isclose"), ("numpy", "array_equal"), ("torch", "allclose"),
+                     ("torch", "equal"), ("torch.testing", "assert_close"), ("math", "isclose"))
+
+
+def machinery(config, items=()):
     """What a submission would change to forge outcomes in-process: pytest's registered plugins and the
-    functions that run a test and build its report. Compared before and after every test."""
+    functions that run a test and build its report, the assertion helpers the tests call, and the code
+    of every collected test function (a submission imported by one test could empty the others).
+    Taken when collection ends, before any student module is imported; compared after every test."""
     from _pytest import python, reports, runner
+    helpers = tuple(getattr(importlib.import_module(module), name) for module, name in ASSERTION_HELPERS)
+    tests = tuple((item.nodeid, getattr(getattr(item, "obj", None), "__code__", None)) for item in items)
     hooks = [h.function for name in ("pytest_runtest_makereport", "pytest_runtest_call", "pytest_pyfunc_call",
                                      "pytest_runtest_protocol", "pytest_runtest_logreport")
              for h in getattr(config.hook, name).get_hookimpls()]
     return (frozenset(map(id, config.pluginmanager.get_plugins())), tuple(hooks), runner.call_and_report,
             runner.CallInfo.__dict__["from_call"], python.Function.runtest,
-            reports.TestReport.__dict__["from_item_and_call"], reports.BaseReport.passed, reports.BaseReport.failed)
+            reports.TestReport.__dict__["from_item_and_call"], reports.BaseReport.passed, reports.BaseReport.failed,
+            helpers, tests)
 
 
 class GradePlugin:
@@ -106,7 +121,7 @@ class GradePlugin:
 
     def __init__(self, send, collect):
         self.send, self.collect = send, collect
-        self.config, self.guard, self.tests = None, None, {}
+        self.config, self.guard, self.tests, self.items = None, None, {}, ()
 
     def pytest_configure(self, config):
         self.config = config
@@ -120,7 +135,8 @@ class GradePlugin:
                               points=float(marker.kwargs.get("points", 0)))
         else:
             self.send("collected", ids=[item.nodeid for item in session.items])
-        self.guard = machinery(session.config)
+        self.items = tuple(session.items)
+        self.guard = machinery(session.config, self.items)
 
     def pytest_runtest_logstart(self, nodeid, location):
         self.send("start", id=nodeid)
@@ -147,7 +163,7 @@ class GradePlugin:
         if report.when != "teardown":
             return
         entry = self.tests.get(report.nodeid, dict(outcome="error", line=None, error="no report", memory=False))
-        tampered = self.guard is None or machinery(self.config) != self.guard
+        tampered = self.guard is None or machinery(self.config, self.items) != self.guard
         self.send("test", id=report.nodeid, tampered=tampered, **entry)
 
 

@@ -238,6 +238,21 @@ _os._exit(0)
 '''
 
 
+# Imported by the first test that needs ddpm.py: empties every collected test function and makes the
+# assertion helpers agree with anything, so that a blank copy would pass all but the first test.
+REWRITE_TESTS = """import sys as _sys, math as _math, pytest as _pytest, numpy.testing as _npt
+_empty = (lambda *args, **kwargs: None).__code__
+for _module in list(_sys.modules.values()):
+    if getattr(_module, "__name__", "").split(".")[-1].startswith("test_"):
+        for _name, _f in list(vars(_module).items()):
+            if _name.startswith("test_") and hasattr(_f, "__code__") and not _f.__code__.co_freevars:
+                _f.__code__ = _empty
+_pytest.approx = lambda *args, **kwargs: type("Anything", (), {"__eq__": lambda self, other: True})()
+_npt.assert_allclose = lambda *args, **kwargs: None
+_math.isclose = lambda *args, **kwargs: True
+"""
+
+
 def attack_sources():
     """{attack: (base copy, graded assignments, {relative path: text to write, or a callable(path)})}."""
     first = "import numpy as np\n"                             # each concept file's first import line
@@ -256,6 +271,7 @@ def attack_sources():
         "forge": ("full", "a1,a2", {"ddpm.py": ("insert", "def get_betas(schedule, T):", FORGE)}),
         "monkeypatch": ("full", "a1,a2", {"ddpm.py": ("insert", first, "import _pytest.python\n"
                                                       "_pytest.python.Function.runtest = lambda self: None\n")}),
+        "rewrite_tests": ("blank", "a1,a2", {"ddpm.py": ("insert", first, REWRITE_TESTS)}),
         "endless_loop": ("full", "a4,a6,a7", {"unet.py": ("insert", "def timestep_embedding(",
                                                           "import time\nwhile True:\n    time.sleep(0.2)\n")}),
         "kill_server": ("full", "a1,a2", {"ddpm.py": ("insert", "def get_betas(schedule, T):",
@@ -346,6 +362,13 @@ def test_defence_forged_junit_xml_and_result_line(attacks):
 
 def test_defence_patched_pytest_internals(attacks):
     record = attacks["monkeypatch"]                                  # ddpm.py patches pytest at import
+    for a in ("a1", "a2"):
+        v = record["assignments"][a]
+        assert v["earned"] == 0 and "pytest's machinery was changed" in v["reason"], v["reason"]
+
+
+def test_defence_rewritten_tests_and_assertion_helpers(attacks):
+    record = attacks["rewrite_tests"]                  # ddpm.py empties the tests and pytest.approx at import
     for a in ("a1", "a2"):
         v = record["assignments"][a]
         assert v["earned"] == 0 and "pytest's machinery was changed" in v["reason"], v["reason"]

@@ -160,6 +160,13 @@ def read_submission(path, editable):
             notes.append(f"{rel}: larger than {MAX_FILE >> 10} KiB; ignored")
             continue
         files[rel] = data
+        if rel.endswith(".py"):
+            try:                                   # parses only: no student code runs here
+                compile(data, rel, "exec", dont_inherit=True)
+            except (SyntaxError, ValueError) as e:  # ValueError: null bytes
+                where = f" line {e.lineno}" if getattr(e, "lineno", None) else ""
+                notes.append(f"{rel}{where}: does not compile ({type(e).__name__}: {getattr(e, 'msg', e)}); "
+                             f"every test that imports it, in any assignment, fails")
     return files, notes
 
 
@@ -654,6 +661,9 @@ def print_table(r):
         text = v["reason"] or ", ".join(failing) or "-"
         print(f"{a + ' ' + v['title']:<{width}}  {fmt(v['earned']) + ' / ' + fmt(v['possible']):>9}  {text}")
     print(f"{'total':<{width}}  {fmt(r['earned']) + ' / ' + fmt(r['possible']):>9}")
+    for n in r["notes"]:                  # the submission's own notes (a file that does not compile, ...)
+        if not n.startswith(tuple(f"{a}: " for a in r["assignments"])):
+            print(f"note: {n}")
     for a, (title, kind) in ASSIGNMENTS.items():
         if kind == "report":
             print(f"{a} {title}: a report, graded by the checklist in assignments/{a}.md")

@@ -24,6 +24,10 @@ import pytest
 
 from conftest import ENV, ROOT  # noqa: E402
 
+if not os.path.isdir(os.path.join(ROOT, "assignments", "hidden")):   # build.py never copies it
+    pytest.skip("the instructor's tests of the assignments: this is a student copy (no assignments/hidden/); "
+                "grade your work with: python assignments/grade.py", allow_module_level=True)
+
 BUILD = os.path.join(ROOT, "assignments", "build.py")
 GRADE = os.path.join(ROOT, "assignments", "grade.py")
 spec = importlib.util.spec_from_file_location("zsi_assignments_build", BUILD)
@@ -405,6 +409,16 @@ def load_grade():
             del sys.modules["build"]
         else:
             sys.modules["build"] = saved
+
+
+def test_a_file_that_does_not_compile_is_named_with_its_line(tmp_path):
+    """A syntax error in one file fails the tests of every assignment that imports it: the notes say where."""
+    grade = load_grade()
+    (tmp_path / "ddpm.py").write_text("import numpy as np\n\ndef get_betas(schedule, T:\n    pass\n")
+    (tmp_path / "unet.py").write_text("x = 1\n")
+    files, notes = grade.read_submission(str(tmp_path), ["ddpm.py", "unet.py"])
+    assert files["ddpm.py"] is not None and files["unet.py"] is not None
+    assert len(notes) == 1 and notes[0].startswith("ddpm.py line 3: does not compile (SyntaxError"), notes
 
 
 def test_results_count_only_when_signed_in_sequence_and_the_junit_report_agrees():

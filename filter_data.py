@@ -60,7 +60,7 @@ Data layouts (--data)
             a seeded 80/10/10 train/val/test split.
     csv     FILE with rows `path,label[,split]` (optional header; paths relative to the CSV's folder;
             two distinct labels, sorted -> 0, 1; split train|val|test, else the seeded 80/10/10).
-    Generic images: centre square crop, then INTER_AREA resize; smaller than 64 x 64 is refused.
+    Generic images: centre square crop, then resized to --size (INTER_AREA down, INTER_CUBIC up).
     digits  scikit-learn's 1,797 handwritten digits (digits.load_digits, upsampled to --size, a multiple
             of 8): class 1 = slant above the median (leans right); a seeded 80/10/10 split; paths
             "digits/0042" name the index in load_digits order.
@@ -237,7 +237,9 @@ def folder_dataset(root, seed=0, classes=None):
         _fail(f"--root {root}: expected two class folders, found {len(found)} ({', '.join(found) or 'none'}){hint}")
     paths, labels = [], []
     for c, name in enumerate(found):
-        files = sorted(f for f in os.listdir(os.path.join(root, name)) if f.lower().endswith(IMAGE_EXTENSIONS))
+        folder = os.path.join(root, name)  # not dot-files (macOS's ._name.png) nor folders named like images
+        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
+                       and os.path.isfile(os.path.join(folder, f)))
         if not files:
             _fail(f"--root: class folder {os.path.join(root, name)} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
         paths += [os.path.abspath(os.path.join(root, name, f)) for f in files]
@@ -247,13 +249,14 @@ def folder_dataset(root, seed=0, classes=None):
 
 
 def csv_dataset(path, seed=0):
-    """Rows `path,label[,split]`; a first row starting with `path` is a header."""
+    """Rows `path,label[,split]`; a first row whose label field is `label` (or whose first field is `path`)
+    is a header. A byte-order mark (Excel's "CSV UTF-8") is dropped."""
     if not os.path.isfile(path):
         _fail(f"--csv {path}: no such file")
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.reader(fh)
         rows = [(reader.line_num, [f.strip() for f in r]) for r in reader if any(f.strip() for f in r)]
-    if rows and rows[0][1][0].lower() == "path":
+    if rows and (rows[0][1][0].lower() == "path" or (len(rows[0][1]) > 1 and rows[0][1][1].lower() == "label")):
         rows = rows[1:]
     if any(len(r) not in (2, 3) for _, r in rows):
         k = next(k for k, r in rows if len(r) not in (2, 3))
@@ -316,6 +319,13 @@ def read_rgb(data):
     from PIL import Image
     with Image.open(io.BytesIO(data)) as im:
         im.load()
+        if im.mode.startswith("I") or im.mode == "F":  # 16-bit, 32-bit or float grey: convert("RGB") would
+            grey = np.asarray(im, dtype=np.float64)      # clip it to white; map the format's range to 0..255
+            top = grey.max()
+            span = (65535.0 if im.mode.startswith("I;16") or (im.mode == "I" and top > 255) else
+                    1.0 if im.mode == "F" and top <= 1.0 else 255.0)
+            grey = np.clip(np.rint(grey / span * 255.0), 0, 255).astype(np.uint8)
+            return np.repeat(grey[:, :, None], 3, axis=2)
         if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
             rgba = im.convert("RGBA")
             im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)

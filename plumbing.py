@@ -29,6 +29,7 @@ import json
 import math
 import os
 import pickle
+import shlex
 import sys
 import tempfile
 import time
@@ -601,7 +602,9 @@ def guard(main, resume_flag=None):
     status 130 / 143, never a traceback. resume_flag: the flag that continues a run ("--resume"), or None
     when running the same command again resumes."""
     argv = [os.path.basename(sys.argv[0]), *sys.argv[1:]]
-    again = "python " + " ".join(argv + ([resume_flag] if resume_flag and resume_flag not in argv else []))
+    if resume_flag:  # continuing replaces nothing: --overwrite would contradict --resume
+        argv = [a for a in argv if a != "--overwrite"] + ([resume_flag] if resume_flag not in argv else [])
+    again = "python " + shlex.join(argv)                        # quoted: paths with spaces paste back
     try:
         return main()
     except Interrupted as e:

@@ -140,7 +140,8 @@ def check(cfg, parser):
 
 
 def filter_finished(args):
-    """Whether args.out holds a finished filter_data.py run (index.csv) made with the same settings."""
+    """Whether args.out holds a finished filter_data.py run (index.csv) made with the same settings and the
+    same list of images (an image added to or removed from a class folder or the CSV runs the filter again)."""
     wanted = json.loads(json.dumps(dict(vars(args), device=str(args.device))))  # tuples -> lists, as stored
     try:
         with open(os.path.join(args.out, "config.json")) as fh:
@@ -148,7 +149,11 @@ def filter_finished(args):
     except (OSError, ValueError):
         return False
     same = all(old.get(k) == v for k, v in wanted.items() if k not in filter_data.RUN_CONTROL)
-    return same and os.path.isfile(os.path.join(args.out, "index.csv"))
+    if not (same and os.path.isfile(os.path.join(args.out, "index.csv"))):
+        return False
+    data = filter_data.read_dataset(args)
+    now = sorted(map(str, data["paths"][data["labels"] >= 0]))
+    return sorted(filter_data.read_index(os.path.join(args.out, "index.csv"))["path"].tolist()) == now
 
 
 def run_filter(cfg, rt):

@@ -349,7 +349,7 @@ def real_images_report(r):
               for row in r["rows"]]
     lines += ["Multi-guided samples: ![guided](samples/guided_run0.png)", "",
               "Unconditional samples: ![unconditional](samples/unconditional.png)", "",
-              "Training images (32 per class): ![training](figures/training_data.png)", "",
+              "Training images (up to 32 per class, class 0 first): ![training](figures/training_data.png)", "",
               "Training losses: ![DDPM](logs/ddpm/loss.png) ![classifier](logs/classifier0/loss.png)", ""]
     return "\n".join(lines)
 

@@ -599,20 +599,21 @@ def run_real_images(cfg, rt):
 # ----------------------------------------------------------------------------------------------
 
 def check_out(cfg):
-    """Never mix two runs in one folder (checked before anything is written). An --out that holds a run
-    (config.json) needs --resume (the same configuration) or --overwrite (start afresh; files are replaced
-    as the new run writes them); --resume needs a run to continue."""
+    """Never mix two runs in one folder (checked before anything is written). A run there (config.json) needs
+    --resume (same configuration) or --overwrite (start afresh), unless it stopped before its DDPM with these
+    very settings (bad input data, say): then the same command starts again. --resume needs a run."""
     config_path = os.path.join(cfg.out, "config.json")
     if not os.path.exists(config_path):
         if cfg.resume:
             raise SystemExit(f"train.py: --resume: {cfg.out} holds no run to continue (no config.json); "
                              f"drop --resume to start one")
         return
-    if not (cfg.resume or cfg.overwrite):
+    old = plumbing.read_json(config_path, "run record", obj=True)
+    unstarted = not os.path.exists(os.path.join(cfg.out, "ddpm.pt")) and not identity_diff(old, identity(cfg))
+    if not (cfg.resume or cfg.overwrite or unstarted):
         raise SystemExit(f"train.py: --out {cfg.out} already holds a run (config.json); pass --resume to "
                          f"continue it, --overwrite to start afresh, or choose another --out")
     if cfg.resume:
-        old = plumbing.read_json(config_path, "run record", obj=True)
         if cfg.lr_schedule == "cosine" and old.get("steps") != cfg.steps:
             raise SystemExit(f"train.py: cannot --resume {cfg.out} with --steps {cfg.steps}: its cosine learning-rate "
                              f"schedule ends at step {old.get('steps')}")

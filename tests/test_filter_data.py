@@ -555,3 +555,44 @@ def test_subset_presets_are_the_papers(tmp_path):
 def test_help():
     r = cli("--help")
     assert r.returncode == 0 and "--tau2" in r.stdout and "--subset" in r.stdout and "--paper" in r.stdout
+
+
+def test_what_a_researcher_s_own_files_bring(tmp_path):
+    """macOS's ._ files and a folder named like an image are skipped; Excel's BOM and a `filename,label`
+    header are read; a 16-bit grey PNG keeps its grey levels (converted to RGB it would be all white)."""
+    for name in ("a", "b"):
+        os.makedirs(tmp_path / "f" / name / "day1.png")                       # a folder, not an image
+        for i in range(3):
+            cv2.imwrite(str(tmp_path / "f" / name / f"{i}.png"), np.full((8, 8, 3), 40, np.uint8))
+        (tmp_path / "f" / name / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    d = fd.folder_dataset(str(tmp_path / "f"))
+    assert len(d["paths"]) == 6 and not any(os.path.basename(p).startswith(".") for p in d["paths"])
+    for header in ("path,label", "filename,label"):
+        text = header + "\n" + "".join(f"f/{c}/{i}.png,{c}\n" for c in "ab" for i in range(3))
+        (tmp_path / "list.csv").write_bytes(b"\xef\xbb\xbf" + text.encode())      # what Excel writes
+        c = fd.csv_dataset(str(tmp_path / "list.csv"))
+        assert c["class_names"] == ["a", "b"] and len(c["paths"]) == 6, header
+    grey16 = (np.arange(64).reshape(8, 8) * 1000).astype(np.uint16)
+    assert cv2.imwrite(str(tmp_path / "g16.png"), grey16)
+    rgb = fd.read_rgb((tmp_path / "g16.png").read_bytes())
+    assert rgb.shape == (8, 8, 3) and np.array_equal(rgb[..., 0], np.rint(grey16 / 65535 * 255).astype(np.uint8))
+
+
+def test_a_finished_filter_is_reused_only_for_the_same_images(tmp_path):
+    """train.py reuses OUT/filter when its settings AND its list of images match; one more image reruns it."""
+    import real_images
+    for name in ("a", "b"):
+        os.makedirs(tmp_path / "f" / name)
+        for i in range(30):
+            cv2.imwrite(str(tmp_path / "f" / name / f"{i}.png"), np.full((8, 8, 3), 40, np.uint8))
+    args = fd.parse_args(["--data", "folder", "--root", str(tmp_path / "f"), "--out", str(tmp_path / "filter")])
+    os.makedirs(args.out)
+    plumbing_json = json.loads(json.dumps(dict(vars(args), device=str(args.device))))
+    (tmp_path / "filter" / "config.json").write_text(json.dumps(plumbing_json))
+    data = fd.read_dataset(args)
+    rows = ["path,label,split,row,kept,repeat,reason"] + [f"{p},{l},train,{i},1,1," for i, (p, l)
+                                                          in enumerate(zip(data["paths"], data["labels"]))]
+    (tmp_path / "filter" / "index.csv").write_text("\n".join(rows) + "\n")
+    assert real_images.filter_finished(args)
+    cv2.imwrite(str(tmp_path / "f" / "a" / "new.png"), np.full((8, 8, 3), 40, np.uint8))
+    assert not real_images.filter_finished(args)

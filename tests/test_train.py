@@ -2,6 +2,7 @@
 import hashlib
 import os
 import shutil
+import shlex
 import subprocess
 import sys
 
@@ -232,3 +233,28 @@ def test_a_record_from_before_t_tilt_counts_as_uniform_t():
     assert circles.t_tilt == 4.0 and train.identity_diff(old, train.identity(circles)) == ["t_tilt"]
     old = {k: v for k, v in train.identity(digits).items() if k != "t_tilt"}
     assert digits.t_tilt == 0.0 and train.identity_diff(old, train.identity(digits)) == []
+
+
+def test_a_run_that_stopped_before_its_ddpm_starts_again_with_the_same_command(tmp_path):
+    """config.json is written before the data is read: after bad data stopped a run, the same command (the
+    data fixed) starts again; other settings, or a run that has its DDPM, still need --resume or --overwrite."""
+    out = str(tmp_path / "run")
+    argv = ["--threads", "1", "--out", out]
+    train.prepare_out(train.parse_config(argv))
+    assert train.parse_config(argv).out == out                             # accepted: nothing to lose
+    with pytest.raises(SystemExit, match="already holds a run"):
+        train.parse_config(argv + ["--lr", "0.5"])
+    open(os.path.join(out, "ddpm.pt"), "wb").close()
+    with pytest.raises(SystemExit, match="already holds a run"):
+        train.parse_config(argv)
+
+
+def test_the_continue_command_pastes_back(monkeypatch, capsys):
+    """Ctrl-C prints a command that runs as printed: quoted, with --resume and without --overwrite."""
+    monkeypatch.setattr(sys, "argv", ["train.py", "--root", "my data/x y", "--overwrite", "--classes", "a, b"])
+    def interrupted():
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit):
+        plumbing.guard(interrupted, resume_flag="--resume")
+    line = capsys.readouterr().err.strip().split("Continue with: ")[1]
+    assert shlex.split(line) == ["python", "train.py", "--root", "my data/x y", "--classes", "a, b", "--resume"]

@@ -1018,9 +1018,8 @@ def _pair(text, kind):
 
 def build_parser(prog=None):
     """filter_data.py's command line (presets fill the flags left unset: see parse_args). prog names the
-    command in error lines (train.py passes "filter_data.py (from train.py --filter-args)")."""
-    parser = plumbing.OneLineParser(prog=prog, description=__doc__.split("\n\n")[0],
-                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    command in error lines (train.py passes real_images.FILTER_PROG)."""
+    parser = plumbing.OneLineParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, choices=["celeba", "folder", "csv", "digits"],
                         help="input layout (digits: scikit-learn's handwritten digits, label = slant above the median)")
     parser.add_argument("--root", help="CelebA folder, or the folder of class folders")

@@ -43,8 +43,9 @@ What this file is
     process it can find the signing key in memory, or forge outcomes in ways the tamper check does
     not compare (it compares pytest's runner and report functions, the assertion helpers such as
     pytest.approx and numpy.testing, and the code of every collected test function; a returned
-    object whose == always says True is one way it does not see); it can read the hidden tests' code during its own run; a process that double-forks
-    into a new session escapes the kill of its group. Killing the fork server costs the runs in
+    object whose == always says True is one way it does not see); it can read the hidden tests'
+    code during its own run; a process that double-forks into a new session escapes the kill of
+    its group. Killing the fork server costs the runs in
     flight at that moment: each is run once more with a new server, and a run during which it dies
     twice scores 0 (with --jobs 1 only the killer's own run). The grader reads the reference once
     at the start, so a change to the instructor's files on disk during grading does not reach later

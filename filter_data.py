@@ -94,6 +94,7 @@ import io
 import json
 import math
 import os
+import time
 
 import cv2
 import numpy as np
@@ -672,6 +673,7 @@ def classifier_stage(cfg, data, images, name, train_idx, score_idx, stream):
         ckpt = plumbing.load_checkpoint(path, KIND)
         if ckpt.get("identity") == identity and "scored" in ckpt:
             print(f"[{name}] finished earlier: reusing {path}")
+            plumbing.credit(ckpt["log"][-1]["wall_s"] if ckpt.get("log") else 0.0)  # its training time
             return ckpt
         if ckpt.get("identity") != identity:  # a partial checkpoint of the same identity is resumed by fit
             print(f"[{name}] {path} was made with other settings or data: retraining")
@@ -966,6 +968,7 @@ def run_filter(cfg):
     """Read -> cache -> steps 1, 2 -> evaluation classifier -> step 3 -> outputs, index.csv last. Returns the counts."""
     # First, before anything that can fail (reading the labels included): a stale index from an earlier
     # run must not pass for this run's when this one stops with an error.
+    t0 = time.time()
     if os.path.exists(os.path.join(cfg.out, "index.csv")):
         os.remove(os.path.join(cfg.out, "index.csv"))
     data = read_dataset(cfg)
@@ -975,8 +978,10 @@ def run_filter(cfg):
     splits = {s: np.flatnonzero((data["splits"] == c) & (labels >= 0)) for c, s in enumerate(SPLITS)}
     plumbing.write_json(dict(vars(cfg), device=str(cfg.device), class_names=data["class_names"],
                      cache_file=os.path.abspath(cache_file)), os.path.join(cfg.out, "config.json"))
-    pass1, pass2, columns, counts, margins = filter_steps(cfg, data, images, splits)
-    ce, columns["p_eval"] = evaluation_stage(cfg, data, images, splits)
+    clock = {}
+    with plumbing.timed(clock, "classifiers_s"):  # collects what earlier runs spent on the classifiers reused
+        pass1, pass2, columns, counts, margins = filter_steps(cfg, data, images, splits)
+        ce, columns["p_eval"] = evaluation_stage(cfg, data, images, splits)
     # Step 3 (Sec. 4.3, 5.2): the k most extreme per side by --rank; `repeat` oversamples.
     columns["rank_score"] = rank_scores(cfg, columns, margins)
     per_side = per_side_counts(cfg, labels, splits["train"])
@@ -994,7 +999,7 @@ def run_filter(cfg):
     reason[pass1], reason[pass2], reason[kept] = "step2", "rank", "kept"
     counts = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in counts.items()}
     counts.update(tau1=cfg.tau1, tau2=cfg.tau2, per_side=None if per_side is None else list(per_side),
-                  rank=cfg.rank, oversample=list(cfg.oversample))
+                  rank=cfg.rank, oversample=list(cfg.oversample), seconds=time.time() - t0 + clock.get("credited_s", 0.0))
     write_outputs(cfg, data, images, columns, kept, repeat, reason, counts, ce["calibration"])
     print(f"counts per class {data['class_names']}: train {counts['train']}, step 1 {counts['step1']}, "
           f"step 2 {counts['step2']}, kept {counts['kept']} (training set with oversampling {counts['training_set']})")

@@ -227,6 +227,7 @@ def fit(model, loss_fn, s, ckpt_path, rt, meta, identity, resume=False, on_step=
     log_dir = log_dir or os.path.join(os.path.dirname(ckpt_path), "logs", os.path.splitext(os.path.basename(ckpt_path))[0])
     st = (_restore(ckpt_path, identity, model, ema, opt, scaler, desc, rt.main, meta.get("kind"))
           if resume and os.path.exists(ckpt_path) else _State())
+    plumbing.credit(st.wall_s)  # earlier processes' training time counts in the run's timed stage
     if rt.main:
         TrainLog(log_dir).rewrite(st.log)  # a resumed log continues exactly where its checkpoint stood
     if st.step >= s.steps or 0 < s.stop_at <= st.step:  # done, or already paused at --stop-at

@@ -570,14 +570,29 @@ def forward_flops(model, image_size, channels=3):
     return int(counter.get_total_flops())
 
 
+_OPEN_STAGES = []  # the timed() blocks now running, innermost last: (timings, name)
+
+
 @contextlib.contextmanager
 def timed(timings, name):
-    """Add the wall time of the block to timings[name] (seconds)."""
+    """Add the wall time of the block to timings[name] (seconds), plus what the block credits (below)."""
     t0 = time.time()
+    _OPEN_STAGES.append((timings, name))
     try:
         yield
     finally:
+        _OPEN_STAGES.pop()
         timings[name] = timings.get(name, 0.0) + time.time() - t0
+
+
+def credit(seconds):
+    """Count `seconds` that an earlier process spent on work this one reuses (a resumed checkpoint carries
+    its training time, a samples file the time it took to draw) in every open timed() stage, and in
+    timings["credited_s"]: a resumed run then reports what its outputs cost, not what this process did."""
+    for timings in {id(t): t for t, _ in _OPEN_STAGES}.values():
+        timings["credited_s"] = timings.get("credited_s", 0.0) + seconds
+    for timings, name in _OPEN_STAGES:
+        timings[name] = timings.get(name, 0.0) + seconds
 
 
 def step_seconds(fn):

@@ -29,6 +29,7 @@ configuration on this machine. Run it through train.py:
     python train.py --data folder --root R        (R/<class 0>/*.jpg, R/<class 1>/*.jpg)
     python train.py --data csv --csv FILE.csv     (rows path,label[,split])
 """
+import collections
 import json
 import math
 import os
@@ -136,7 +137,24 @@ def check(cfg, parser):
     if fargs.size != cfg.image_size:  # else the filter would run for hours before training_set refuses it
         parser.error(f"--filter-args sets --size {fargs.size}, but --image-size is {cfg.image_size}; drop --size "
                      f"from --filter-args")
-    filter_data.read_dataset(fargs)
+    data = filter_data.read_dataset(fargs)
+    if cfg.resume and os.path.isfile(os.path.join(cfg.out, "ddpm.pt")):  # its DDPM has seen the filter's images
+        added, removed = images_changed(fargs, data)
+        if added or removed:
+            raise SystemExit(f"train.py: cannot --resume {cfg.out}: its DDPM trained on the images its filter kept, "
+                             f"and {added} image(s) were added, {removed} removed since; put them back, or start a "
+                             f"new run (another --out, or --overwrite)")
+
+
+def images_changed(args, data=None):
+    """(added, removed): how many labelled images the source names now (filter_data.read_dataset of args) that
+    the finished filter in args.out did not score, and the other way round; (0, 0) without a finished filter."""
+    if not os.path.isfile(os.path.join(args.out, "index.csv")):
+        return 0, 0
+    data = filter_data.read_dataset(args) if data is None else data
+    now = collections.Counter(map(str, data["paths"][data["labels"] >= 0]))
+    before = collections.Counter(filter_data.read_index(os.path.join(args.out, "index.csv"))["path"].tolist())
+    return sum((now - before).values()), sum((before - now).values())
 
 
 def filter_finished(args):
@@ -149,11 +167,7 @@ def filter_finished(args):
     except (OSError, ValueError):
         return False
     same = all(old.get(k) == v for k, v in wanted.items() if k not in filter_data.RUN_CONTROL)
-    if not (same and os.path.isfile(os.path.join(args.out, "index.csv"))):
-        return False
-    data = filter_data.read_dataset(args)
-    now = sorted(map(str, data["paths"][data["labels"] >= 0]))
-    return sorted(filter_data.read_index(os.path.join(args.out, "index.csv"))["path"].tolist()) == now
+    return same and os.path.isfile(os.path.join(args.out, "index.csv")) and images_changed(args) == (0, 0)
 
 
 def run_filter(cfg, rt):
@@ -163,6 +177,7 @@ def run_filter(cfg, rt):
     if filter_finished(args):
         if rt.main:
             print(f"[filter] finished earlier with the same settings: reusing {args.out}")
+        plumbing.credit(plumbing.read_json(os.path.join(args.out, "counts.json"), "the filter's counts", obj=True).get("seconds", 0.0))
     elif rt.world > 1:  # one process filters; the others cannot wait hours in a barrier
         raise SystemExit(f"train.py: run the filter first, in one process: python filter_data.py "
                          f"{shlex.join(filter_argv(cfg))}")

@@ -68,6 +68,8 @@ def profile(r):
             "sweep_sampling_s": (len(r.get("lambda_sweep") or []) * c["n_samples"] * chain, fd + 3 * fc)}
     rows = {}
     for stage, seconds in t.items():
+        if stage == "credited_s":  # not a stage: the part of the stages' time earlier processes spent
+            continue
         images, per = work.get(stage, (0, 0))
         rows[stage] = dict(wall_s=seconds, images=images, img_per_s=images / seconds if images and seconds else None,
                            gflop=images * per / 1e9 if per and images else None,
@@ -92,6 +94,10 @@ def profile_table(r):
                          f"{_pct(s['wall_s'] / max(total, 1e-9))} | {fmt(s['img_per_s'], '.0f')} | "
                          f"{fmt(s['gflop'], '.0f')} | {fmt(s['gflop_per_s'], '.1f')} |")
     lines.append(f"| total | {total:.1f} s ({total / 60:.1f} min) | | | | |")
+    if r["timings_s"].get("credited_s"):
+        lines += ["", f"This run was resumed: {r['timings_s']['credited_s']:.1f} s of these times were spent by the "
+                      "processes before this one (the checkpoints carry their training time, the sample files the "
+                      "time it took to draw them)."]
     if p.get("guided_step_over_unguided"):
         lines += ["", f"A guided sampling step costs {p['guided_step_over_unguided']:.2f}x an unguided one (the same "
                       "samples and steps; the guidance gradient adds a classifier forward and backward)."]

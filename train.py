@@ -433,14 +433,14 @@ def draw_samples(cfg, rt, model, d, name, ddpm_step, clf=None, lambdas=(0.0, 0.0
     old = np.load(path) if cfg.resume and os.path.exists(path) else None
     if old is not None and int(old["ddpm_step"]) == ddpm_step and list(old["lambdas"]) == list(lambdas):
         images = old["images"]
+        plumbing.credit(float(old.get("seconds", 0.0)))  # the stage's time includes what drawing them took
     else:
-        x = multiguide.sample(model, d, cfg.n_samples,
-                              classifier=clf if any(lambdas) and guidance == "classifier" else None,
+        t0 = time.time()
+        x = multiguide.sample(model, d, cfg.n_samples, classifier=clf if any(lambdas) and guidance == "classifier" else None,
                               lambdas=list(lambdas), respacing=cfg.sample_respacing, sampler=cfg.sampler,
-                              batch=cfg.sample_batch, seed=cfg.seed + 1, device=rt.device, progress=True,
-                              guidance=guidance)
+                              batch=cfg.sample_batch, seed=cfg.seed + 1, device=rt.device, progress=True, guidance=guidance)
         images = plumbing.to_uint8(x)  # (N, S, S, 3)
-        plumbing.write_npz(path, images=images, lambdas=np.array(lambdas), ddpm_step=ddpm_step)
+        plumbing.write_npz(path, images=images, lambdas=np.array(lambdas), ddpm_step=ddpm_step, seconds=time.time() - t0)
     plumbing.save_grid(images[:64], os.path.join(cfg.out, "samples", f"{name}.png"), nrow=8,
                        scale=max(1, 64 // cfg.image_size))
     return images
@@ -520,7 +520,7 @@ def run_circles(cfg, rt):
         free_w = released_cfg(cfg, rt, ema, d, ddpm_step) if cfg.guidance == "free" else None
     with plumbing.timed(timings, "evaluation_s"):
         results = circles_results(cfg, data, ema, d, clfs, regressor, uncond, runs, sweep)
-    timings["total_s"] = time.time() - t_start
+    timings["total_s"] = time.time() - t_start + timings.get("credited_s", 0.0)  # + earlier processes' share
     return dict(results, timings_s=timings, **({"cfg_w": free_w} if free_w else {}))
 
 
@@ -585,7 +585,7 @@ def run_real_images(cfg, rt):
     with plumbing.timed(timings, "sampling_and_scoring_s"):
         rows, memo, sets = real_images.sample_rows(cfg, rt, draw, clfs, data, fout)
     extra = real_images.extra_results(cfg, rt, sets, fout, rows, timings)  # digits: the exact slant
-    timings["total_s"] = time.time() - t_start
+    timings["total_s"] = time.time() - t_start + timings.get("credited_s", 0.0)  # + earlier processes' share
     return dict(data=cfg.data, attr=real_images.attribute_name(cfg, data["class_names"]), subset=cfg.subset,
                 class_names=data["class_names"], memorization=memo, training_per_class=per_class, rows=rows,
                 lambdas=plumbing.float_list(cfg.lambdas), filter_out=fout, evaluation_classifier=real_images.judge_summary(fout),

@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -212,6 +213,19 @@ def test_folder_layout_runs_the_same_pipeline(tmp_path, celeba):
     assert len(f["data_scores"]) == f["n_train"] and len(f["kept_scores"]) == f["n_kept"]
     assert r.stdout.strip().splitlines()[-1].startswith("HEADLINE b_smile") and "paper" not in r.stdout.splitlines()[-1]
     assert "images: " in r.stdout and "resized to 16x16" in r.stdout      # one line says what preprocessing did
+    # --resume after an image was added: its DDPM trained on the old filter's images, so it is refused
+    # before any work (the filter would retrain on the new set and the DDPM go on from the old one).
+    before, extra = digests(out), tmp_path / "mine" / "b_smile" / "zz_added.png"
+    shutil.copy(next((tmp_path / "mine" / "b_smile").iterdir()), extra)
+    r = run_cli("--data", "folder", *flags, "--root", str(tmp_path / "mine"), "--out", str(out), "--resume")
+    assert one_line_error(r)[0] and "1 image(s) were added, 0 removed" in r.stderr and "--overwrite" in r.stderr, r.stderr
+    assert digests(out) == before
+    extra.unlink()  # put back as it was: the run resumes, reuses everything and counts what it cost before
+    r = run_cli("--data", "folder", *flags, "--root", str(tmp_path / "mine"), "--out", str(out), "--resume")
+    assert r.returncode == 0 and "[filter] finished earlier" in r.stdout and digests(out) == before, r.stderr[-2000:]
+    t = json.load(open(out / "results.json"))["timings_s"]
+    assert t["filter_s"] >= json.load(open(out / "filter" / "counts.json"))["seconds"] > 0
+    assert t["ddpm_training_s"] >= fit.read_train_log(str(out / "logs" / "ddpm" / "train_log.csv"))[-1]["wall_s"]
     # the same one-line refusals as for CelebA
     r = run_cli("--data", "folder", "--out", str(tmp_path / "x"))
     assert one_line_error(r)[0] and "--root" in r.stderr, r.stderr

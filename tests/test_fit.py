@@ -182,3 +182,28 @@ def test_fit_optimizer_is_adamw_in_closed_form_and_ema_lerps_every_tensor():
     fit._update_ema(ema, model, 0.9)
     for pe, w in zip(ema.parameters(), expected):
         torch.testing.assert_close(pe.double(), w, rtol=0, atol=1e-6)
+
+
+def test_stage_times_credit_what_earlier_processes_spent(tmp_path):
+    """plumbing.timed + plumbing.credit: a credit counts in every open stage (and once per timings dict in
+    credited_s), not in stages already closed; fit credits the training time a resumed checkpoint carries."""
+    outer, inner = {}, {}
+    with plumbing.timed(outer, "run"):
+        with plumbing.timed(inner, "filter"):
+            plumbing.credit(7.25)
+        plumbing.credit(0.5)
+    plumbing.credit(100.0)                                   # no stage open: counted nowhere
+    assert 7.75 <= outer["run"] < 7.75 + 1 and outer["credited_s"] == 7.75
+    assert 7.25 <= inner["filter"] < 7.25 + 1 and inner["credited_s"] == 7.25
+    run(tmp_path, regression(), "fp32", 6, stop_at=4)
+    carried = plumbing.load_checkpoint(str(tmp_path / "m.pt"))["interval"]["wall_s"]   # the paused process's time
+    assert carried > 0
+    timings = {}
+    with plumbing.timed(timings, "training_s"):
+        log, _, ckpt = run(tmp_path, regression(), "fp32", 6, resume=True)
+    assert timings["credited_s"] == carried and timings["training_s"] >= carried
+    assert carried <= log[-1]["wall_s"] <= ckpt["interval"]["wall_s"]   # the last row, then the final checkpoint
+    timings = {}
+    with plumbing.timed(timings, "training_s"):              # a finished network: its whole training time
+        run(tmp_path, regression(), "fp32", 6, resume=True)
+    assert timings["credited_s"] == ckpt["interval"]["wall_s"]

@@ -1,11 +1,13 @@
 """The trainer: smoke runs, exact resume, DDP replicas, bf16 on the CPU, refusal of bad input."""
 import hashlib
+import json
 import os
 import shutil
 import shlex
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -71,6 +73,17 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
     assert strip(cb["log"]) == strip(ca["log"]) and [r["step"] for r in ca["log"]] == [5, 10, 12]
     la, lb = (fit.read_train_log(p / "logs" / "ddpm" / "train_log.csv") for p in (a, b))
     assert strip(la) == strip(lb) and len(la) == 3
+    # The report's times are what the outputs cost over both processes: the DDPM's includes the 7 steps of
+    # the paused process (its checkpoint carried their time), and says so.
+    t = json.load(open(b / "results.json"))["timings_s"]
+    assert t["ddpm_training_s"] >= cb["interval"]["wall_s"] >= lb[-1]["wall_s"] and t["credited_s"] > 0
+    assert "This run was resumed" in (b / "report.md").read_text()
+    # Resumed once more, finished: nothing is trained or drawn, and every stage still reports its cost.
+    r = run_cli(*TINY, "--steps", "12", "--out", str(b), "--resume")
+    t2 = json.load(open(b / "results.json"))["timings_s"]
+    drawn = float(np.load(b / "samples" / "unconditional.npz")["seconds"])
+    assert drawn > 0 and t2["unguided_sampling_s"] >= drawn and t2["ddpm_training_s"] >= cb["interval"]["wall_s"]
+    assert t2["total_s"] >= t2["credited_s"] >= cb["interval"]["wall_s"] + drawn
 
 
 def test_dit_backbone_trains_and_its_checkpoint_rebuilds_a_dit(tmp_path):

@@ -18,7 +18,7 @@ What this file is
     App. K: where the attribute is known (the circle's centre), the EVALUATOR may regress it in
     [0, 1] instead of classifying it. The regressor is the same network with D outputs read through a
     sigmoid, trained on clean circles at ALL positions (the evaluator, unlike the guidance classifier,
-    may see every position); predict_attributes and regression_losses here, training by train.fit.
+    may see every position); predict_attributes and regression_losses here, training by fit.fit.
 
     Also here: temperature scaling (Guo et al. 2017) for calibrating evaluation classifiers, the
     per-example training loss on noised images, and the heatmap of Fig. 7b: p(right | a circle

@@ -29,7 +29,7 @@ Conventions
     * Images live in [-1, 1]; bits per dimension use the 256-level discretisation.
 
 Run it
-    python ddpm.py --schedule cosine --T 4000 --respace 250     # prints the schedule's key numbers
+    python ddpm.py --schedule cosine --T 4000 --sample-steps 250   # prints the schedule's key numbers
 """
 import math
 import os

@@ -27,8 +27,8 @@ y is None) for classifier-free guidance. Dropping labels to the null label durin
 trainer's business, not the model's.
 
 Deviations from the DiT paper: pixels instead of VAE latents (our images are 32x32), no class label
-by default, and the timestep embedding is unet.timestep_embedding's [cos | sin] of 256 frequencies
-(the DiT code's width too) followed by its two-layer SiLU MLP.
+by default, and the timestep embedding is unet.timestep_embedding's [cos | sin] of 128 frequencies, 256
+features (the DiT code's width too), followed by its two-layer SiLU MLP.
 
 Run:  python dit.py --preset cpu      (config, parameter count, output shape, and the CPU time of a
                                        forward + backward per image at batch 64 against unet "cpu")

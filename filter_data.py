@@ -1066,7 +1066,7 @@ def build_parser(prog=None):
     parser.add_argument("--seed", type=plumbing.nonnegative_int, default=0, help="initialisation, batches, subsets, generic splits")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                        help="auto: bf16 on CUDA, fp32 on the CPU")
+                        help="auto: bf16 on a GPU that has it (Ampere or later), fp16 on older GPUs, fp32 on the CPU")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="JPEG decoding threads")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a filter run in --out that used other settings (the same settings resume)")
@@ -1111,7 +1111,8 @@ def parse_args(argv=None, prog=None):
         torch.set_num_threads(args.threads)
     args.device = plumbing.check_device(args.device)
     if args.precision == "auto":
-        args.precision = "bf16" if args.device.type == "cuda" else "fp32"
+        native_bf16 = args.device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+        args.precision = "bf16" if native_bf16 else "fp16" if args.device.type == "cuda" else "fp32"  # pre-Ampere: fp16
     if args.precision == "fp16" and args.device.type != "cuda":
         parser.error("--precision fp16 needs CUDA; use bf16 or fp32 on the CPU")
     check_out(args)

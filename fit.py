@@ -19,12 +19,16 @@ with `fit(model, loss_fn, settings, ckpt_path, rt, meta, identity)`:
 
 Exact resume. A checkpoint holds the weights, the EMA, the optimizer and scaler states, the log
 rows and the running sums of the unfinished log interval. Random draws are keyed by the step, not
-carried in generator states. So a run killed at any moment and resumed continues bit for bit: the
-weights, the EMA and train_log.csv equal an uninterrupted run's (the wall-time columns aside).
+carried in generator states. So a run killed at any moment and resumed on the CPU continues bit for bit:
+the weights, the EMA and train_log.csv equal an uninterrupted run's (the wall-time columns aside). On
+CUDA it is equal in distribution only: cuDNN's backward kernels are not deterministic and its fp32
+convolutions run in TF32 (torch's default), and a resume on another kind of device draws from that
+device's random streams.
 
 Interrupts. Ctrl-C (SIGINT) or SIGTERM during training finishes the current step, writes a
 checkpoint and raises plumbing.Interrupted; the command lines (plumbing.guard) print how to resume and
-exit with 130 / 143. `settings.stop_at` pauses the same way at a given step, without a signal.
+exit with 130 / 143. Under DDP the signal reaches the processes at different steps; they agree through
+each step's all-reduce and all pause after the same step. `settings.stop_at` pauses the same way at a given step, without a signal.
 
 Loss scaling (fp16). The loss is multiplied by a scale S before the backward pass so that small
 float16 gradients do not flush to zero; the gradients are divided by S again before clipping and the
@@ -82,7 +86,12 @@ def setup_runtime(device="auto", threads=0):
     rank = int(os.environ.get("RANK", "0"))
     dev = plumbing.check_device(device)
     if dev.type == "cuda" and world > 1:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise SystemExit(f"error: torchrun started {os.environ.get('LOCAL_WORLD_SIZE', local + 1)} processes on "
+                             f"this machine, which has {torch.cuda.device_count()} CUDA device(s): one process per "
+                             f"GPU (--nproc_per_node {torch.cuda.device_count()})")
+        dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
@@ -246,7 +255,8 @@ def fit(model, loss_fn, s, ckpt_path, rt, meta, identity, resume=False, on_step=
         bar = plumbing.Progress(s.steps, desc, initial=st.step, enabled=rt.main)
         t0, t_row, seen = time.time(), time.time(), 0
         for step in range(st.step, s.steps):
-            terms, grad_norm = _one_step(net, model, ema, opt, scaler, loss_fn, s, rt, step)
+            terms, grad_norm, agreed = _one_step(net, model, ema, opt, scaler, loss_fn, s, rt, step, stop)
+            signum = agreed if rt.world > 1 else stop.signum   # alone, a signal during the step counts now
             seen += max(1, s.batch // rt.world) * rt.world
             if terms is None:
                 st.skipped += 1
@@ -263,11 +273,11 @@ def fit(model, loss_fn, s, ckpt_path, rt, meta, identity, resume=False, on_step=
             bar.update(1, loss=f"{st.log[-1]['loss']:.4f}" if st.log and "loss" in st.log[-1] else "-")
             if on_step is not None and rt.main:
                 on_step(step + 1, ema if ema is not None else model)
-            if (step + 1) % s.ckpt_every == 0 or step + 1 in (s.steps, s.stop_at) or stop.signum:
+            if (step + 1) % s.ckpt_every == 0 or step + 1 in (s.steps, s.stop_at) or signum:
                 checkpoint(step + 1)
-            if stop.signum:
+            if signum:
                 bar.close()
-                raise plumbing.Interrupted(step + 1, stop.signum, ckpt_path)
+                raise plumbing.Interrupted(step + 1, signum, ckpt_path)
             if step + 1 == s.stop_at:
                 break
         bar.close()
@@ -276,11 +286,13 @@ def fit(model, loss_fn, s, ckpt_path, rt, meta, identity, resume=False, on_step=
     return model, ema, st.log
 
 
-def _one_step(net, model, ema, opt, scaler, loss_fn, s, rt, step):
-    """One optimisation step: (means of the loss terms, gradient norm before clipping), or (None, None)
-    when the step was skipped: the loss was not finite (on every rank: they must agree under DDP), or
-    fp16 gradients overflowed and the scaler skipped the optimizer step (DDP's all-reduced gradients
-    make every rank see the same overflow)."""
+def _one_step(net, model, ema, opt, scaler, loss_fn, s, rt, step, stop):
+    """One optimisation step: (means of the loss terms, gradient norm before clipping, signal), with
+    (None, None) when the step was skipped: the loss was not finite (on every rank: they must agree under
+    DDP), or fp16 gradients overflowed and the scaler skipped the optimizer step (DDP's all-reduced
+    gradients make every rank see the same overflow). signal: the SIGINT/SIGTERM to pause on after this
+    step, 0 for none. Under DDP the ranks agree on it too: a signal reaches the processes at different
+    steps, and a rank that stopped alone would leave the others waiting in the next step's all-reduce."""
     g = step_generator(s.seed, s.stream, rt.rank, step, rt.device)
     torch.manual_seed(int(torch.randint(2**62, (1,), generator=g, device=rt.device)))  # dropout etc.
     for group in opt.param_groups:
@@ -288,12 +300,14 @@ def _one_step(net, model, ema, opt, scaler, loss_fn, s, rt, step):
     with plumbing.autocast(s.precision, rt.device):  # fp32: none; bf16; fp16 (with the scaler)
         terms = loss_fn(net, max(1, s.batch // rt.world), g)
     loss = terms["loss"].float().mean()
-    bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=rt.device)
+    flags = torch.tensor([0.0 if torch.isfinite(loss) else 1.0, float(stop.signum)], device=rt.device)
     if rt.world > 1:
-        dist.all_reduce(bad)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)   # any rank's NaN or signal counts for all
+    bad, signum = flags.tolist()
+    signum = int(signum)
     opt.zero_grad(set_to_none=True)
-    if bad.item() != 0:
-        return None, None
+    if bad != 0:
+        return None, None, signum
     scaler.scale(loss).backward()
     scaler.unscale_(opt)  # true gradients: the norm and the clipping see them, not the scaled ones
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip if s.grad_clip > 0 else float("inf"))
@@ -301,10 +315,10 @@ def _one_step(net, model, ema, opt, scaler, loss_fn, s, rt, step):
     scaler.step(opt)      # skipped by the scaler when fp16 gradients overflowed (inf/nan)
     scaler.update()       # ... which halves the scale; it doubles after loss_scale_growth_interval clean steps
     if scaler.is_enabled() and scaler.get_scale() < scale:
-        return None, None  # the back-off is the scaler's record of a skipped step (backoff_factor < 1)
+        return None, None, signum  # the back-off is the scaler's record of a skipped step (backoff_factor < 1)
     if ema is not None:
         _update_ema(ema, model, ema_decay(step, s))
-    return {k: float(v.detach().float().mean()) for k, v in terms.items()}, float(norm)
+    return {k: float(v.detach().float().mean()) for k, v in terms.items()}, float(norm), signum
 
 
 def _log_row(st, step, s, img_per_s, wall_s, scaler=None):

@@ -129,7 +129,7 @@ class GenConfig:
     batch: int = field(default=64, metadata={"help": "batch size"})
     lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
     warmup: int = field(default=100, metadata={"help": "linear warm-up steps"})
-    ema: float = field(default=0.999, metadata={"help": "EMA decay (train.fit's warm-up applies)"})
+    ema: float = field(default=0.999, metadata={"help": "EMA decay (fit.fit's warm-up applies)"})
     init: str = field(default="different", metadata={"help": "initial weights of B: different from A's, the same, or both",
                                                      "choices": ["different", "same", "both"]})
     # --- sampling and measures ---
@@ -307,10 +307,10 @@ def images_digest(images):
 # ----------------------------------------------------------------------------------------------
 
 def train_model(cfg, rt, images, path, init_seed, desc):
-    """One DDPM on `images` with train.build_ddpm + fit.ddpm_loss(hflip=False) + train.fit.
+    """One DDPM on `images` with train.build_ddpm + fit.ddpm_loss(hflip=False) + fit.fit.
 
     torch.manual_seed(init_seed) fixes the initial weights; the training stream (data order, t, eps)
-    is train.fit's, seeded with --seed: the same for every model of the study. A finished checkpoint
+    is fit.fit's, seeded with --seed: the same for every model of the study. A finished checkpoint
     at `path` with the same identity is loaded instead of retrained. Returns (EMA model, diffusion dict).
     """
     tcfg = ddpm_config(cfg, os.path.dirname(path))
@@ -325,7 +325,7 @@ def train_model(cfg, rt, images, path, init_seed, desc):
 
 
 def train_guidance_classifier(cfg, rt, images, labels, d, path, init_seed, desc):
-    """A noisy classifier on one model's own half, with fit.classifier_loss + train.fit (flips swap labels)."""
+    """A noisy classifier on one model's own half, with fit.classifier_loss + fit.fit (flips swap labels)."""
     tcfg = ddpm_config(cfg, os.path.dirname(path))
     torch.manual_seed(init_seed)
     model = classifier.build_classifier("cpu", image_size=cfg.size, in_channels=1, model_channels=cfg.clf_channels)
@@ -998,6 +998,8 @@ def run_study(cfg):
 
 def main(argv=None):
     cfg = parse_config(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would train, sample and write the same files
+        raise SystemExit("generalization.py runs in one process; start it with python, not torchrun")
     run_study(cfg)
 
 

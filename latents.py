@@ -37,7 +37,7 @@ Conventions
 Metrics of a curve (interp; each averaged over pairs, per-frame ones over the N - 1 interior frames)
     chi^2 log-lik  mean log chi^2_d(||z||^2) of the interior latents (the prior S assumes; exact at x_T only)
     NLL            the variational bound of Eq. 9, bits/dim, of each decoded frame of the first
-                   --nll-pairs pairs (default 10) over a 100-step respaced chain (ddpm.calc_bpd_loop;
+                   --nll-pairs pairs (default 10) over a 100-step respaced chain (ddpm.Diffusion.calc_bpd_loop;
                    tests/test_latents.py checks it on a respaced chain against float64)
     one circle / middle band   evaluate.circle_stats of each interior frame (middle: z in [0.2, 0.8])
     monotone       every frame (ends included) has one circle and centre x never steps back > 0.5 px

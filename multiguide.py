@@ -51,7 +51,7 @@ What this file is
 
 Run
     python multiguide.py --ddpm runs/circles/ddpm.pt --classifier runs/circles/classifier0.pt \
-        --lambdas 30,30 --n 256 --steps 50 --out runs/circles/mg      # -> samples.npz, samples.png
+        --lambdas 30,30 --n-samples 256 --sample-steps 50 --out runs/circles/mg      # -> samples.npz, samples.png
     python multiguide.py --ddpm runs/circles/ddpm.pt --lambdas 0,0 --out runs/circles/uncond
     python multiguide.py --ddpm runs/faces/ddpm.pt --classifier runs/hair.pt runs/age.pt \
         --lambdas 10,10,10,10 --out runs/faces/two                    # Eq. 2 over two classifiers

@@ -8,7 +8,7 @@ imports other concept files only for their science. What lives here:
        --device, --threads, --out, --overwrite mean the same in every script), old spellings refused
        with the new name, number checks that name the flag (`positive_int`, `finite_float`, ...), and
        `vet` (a ValueError of a science check turned into a one-line error naming the flag).
-    2. Where to run: `pick_device` ("auto" -> CUDA when present, else the CPU) and `set_threads`.
+    2. Where to run: `check_device` ("auto" -> CUDA when present, else the CPU) and `set_threads`.
     3. Files: atomic writes (a temporary file in the same folder, then os.replace: a crash or a
        kill never leaves half a file), a lock per run folder (`RunLock`: one run at a time), JSON,
        and the checks before any work: an output folder (`check_out_folder`), outputs of an earlier

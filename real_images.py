@@ -10,7 +10,7 @@ runs them through the same stages as the circles, with these steps around them:
        calibrated by temperature scaling). A finished filter with the same settings is reused.
     2. The DDPM and 3. the noisy guidance classifier train on the kept images (train.py, fit.py); a
        mirrored face keeps its label, a digit is never mirrored (its slant would be negated).
-    4. Multi-guided (Eq. 2, lambda = 30,30 on both classes at once) and unconditional samples.
+    4. Multi-guided (Eq. 2, lambda = 30,30 on both classes at once; digits: 1,1) and unconditional samples.
     5. The judge's calibrated p(attribute) of the guided samples, of the training images and of the
        unconditional samples: 100-bin histograms against uniform, MSE and KLD (App. B), in both range
        conventions (evaluate.histogram_metrics), beside the paper's numbers for CelebA Smiling.

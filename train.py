@@ -23,7 +23,7 @@ Run it (every option: python train.py --help; several processes or GPUs: torchru
 
 Threads: min(8, cores) per process (cores / processes under torchrun); on a CPU shared with another
 busy process, `export OMP_WAIT_POLICY=PASSIVE` first. Every random draw of training step k comes from
-a generator seeded with (seed, stream, rank, k) (fit.step_generator): a resumed run continues bit for bit.
+a generator seeded with (seed, stream, rank, k) (fit.step_generator): resumed on the CPU, a run continues bit for bit.
 """
 import argparse
 import contextlib

@@ -70,3 +70,59 @@ def test_an_old_spelling_names_its_new_flag(argv, old, new, monkeypatch, capsys)
         module.main()
     err = capsys.readouterr().err
     assert exc.value.code == 2 and f"{old} was renamed {new}" in err and len(err.strip().splitlines()) == 1, err
+
+
+# ----------------------------------------------------------------------------------------------
+# The commands the documentation shows use flags their script knows, and every flag it requires
+# ----------------------------------------------------------------------------------------------
+
+DOCUMENTED_IN = ["README.md", "TUTORIAL.md", *(f"{s}.py" for s in SCRIPTS), "real_images.py", "fit.py", "plumbing.py"]
+COMMAND = re.compile(r"python (\w+)\.py((?: [^\s`|#;)]+)*)")
+
+
+def documented_commands():
+    """(file, line, script, argv) of every `python SCRIPT.py ...` of a top-level script that the README, the
+    tutorial or a module's text shows; a backslash continues a command on the next line."""
+    found = []
+    for name in DOCUMENTED_IN:
+        lines = open(f"{ROOT}/{name}", encoding="utf-8").read().split("\n")
+        for i, line in enumerate(lines):
+            j = i
+            while line.rstrip().endswith("\\") and j + 1 < len(lines):
+                j += 1
+                line = line.rstrip()[:-1].rstrip() + " " + lines[j].strip()
+            for m in COMMAND.finditer(line):
+                if m.group(1) in SCRIPTS:
+                    found.append((name, i + 1, m.group(1), m.group(2).split()))
+    return found
+
+
+def any_flags(text):
+    return set(re.findall(r"(?<![\w-])(--[A-Za-z][A-Za-z0-9-]*)", text))   # --T too
+
+
+def usage_flags(text):
+    """(every flag in --help, the flags its usage line requires: those outside [ ] brackets)."""
+    usage = text.split("\n\n")[0]
+    while re.search(r"\[[^\[\]]*\]", usage):
+        usage = re.sub(r"\[[^\[\]]*\]", "", usage)
+    return any_flags(text), any_flags(usage)
+
+
+def test_every_documented_command_uses_known_flags_and_the_required_ones(monkeypatch, capsys):
+    commands, wrong, helps = documented_commands(), [], {}
+    assert len(commands) > 30 and any(f == "multiguide.py" for f, *_ in commands)   # the scan sees them
+    for name, line, script, argv in commands:
+        sub = argv[0] if SCRIPTS[script] and argv and argv[0] in SCRIPTS[script] else None
+        if SCRIPTS[script] and sub is None:
+            continue                                    # "python evaluate.py --help" and the like
+        if (script, sub) not in helps:
+            helps[script, sub] = usage_flags(help_text(script, sub, monkeypatch, capsys))
+        known, required = helps[script, sub]
+        given = {a.split("=")[0] for a in argv if a.startswith("--")}
+        if not given or "--help" in given or any(c in " ".join(argv) for c in ('"', "{", "...")):
+            continue                 # a name in passing, a help call, a command built in code or elided
+        if given - known or required - given:
+            wrong.append(f"{name}:{line}: python {script}.py {' '.join(argv)}  unknown {sorted(given - known)}, "
+                         f"missing {sorted(required - given)}")
+    assert not wrong, "\n".join(wrong)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from conftest import ENV, ROOT
 import filter_data as fd
+import plumbing
 
 NAMES = ("5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose Black_Hair "
          "Blond_Hair Blurry Brown_Hair Bushy_Eyebrows Chubby Double_Chin Eyeglasses Goatee Gray_Hair Heavy_Makeup "
@@ -225,6 +226,16 @@ def test_too_few_images_per_class_is_refused_with_the_number_needed(tmp_path):
     args = fd.parse_args(["--data", "folder", "--root", str(tmp_path / "f"), "--out", str(tmp_path / "o")])
     with pytest.raises(fd.DataError, match="class 'b' has 24 images; the filter needs at least 25 per class"):
         fd.read_dataset(args)
+
+
+def test_auto_precision_is_bf16_only_where_the_gpu_has_it(tmp_path, monkeypatch):
+    os.makedirs(tmp_path / "o")
+    base = ["--data", "folder", "--root", str(tmp_path / "f"), "--out", str(tmp_path / "o")]
+    assert fd.parse_args(base).precision == "fp32"                                   # the CPU
+    monkeypatch.setattr(plumbing, "check_device", lambda device: torch.device("cuda"))
+    for native, expected in ((True, "bf16"), (False, "fp16")):                      # Ampere or later / older
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native)
+        assert fd.parse_args(base).precision == expected
 
 
 # ---------------------------------------------------------------- the steps, calibration, leakage

@@ -207,3 +207,62 @@ def test_stage_times_credit_what_earlier_processes_spent(tmp_path):
     with plumbing.timed(timings, "training_s"):              # a finished network: its whole training time
         run(tmp_path, regression(), "fp32", 6, resume=True)
     assert timings["credited_s"] == ckpt["interval"]["wall_s"]
+
+
+def _signalled_rank(rank, port, out, results):
+    """One of two gloo ranks: SIGTERM reaches rank 1 during step 3 and rank 0 only during step 4."""
+    import datetime
+    import os
+    import signal
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=30))
+    calls = []
+
+    def loss_fn(net, batch, g):
+        calls.append(1)
+        if len(calls) == (3 if rank == 1 else 4):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return dict(loss=net(torch.randn(batch, 2, generator=g)).squeeze(1) ** 2)
+
+    torch.manual_seed(0)
+    s = fit.FitSettings(steps=50, batch=4, lr=0.1, log_every=1, ckpt_every=1000)
+    try:
+        fit.fit(torch.nn.Linear(2, 1), loss_fn, s, os.path.join(out, "m.pt"), fit.Runtime(rank, 2, torch.device("cpu")),
+                dict(kind="test"), {})
+        results[rank] = "finished"
+    except plumbing.Interrupted as e:
+        results[rank] = ("paused", e.step, e.exit_code)
+    except Exception as e:  # noqa: BLE001  (what the test reports if the ranks disagree)
+        results[rank] = f"{type(e).__name__}: {e}"
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_ranks_pause_at_the_same_step_when_a_signal_reaches_them_at_different_steps(tmp_path):
+    """Under torchrun, Ctrl-C reaches every process, but not at the same step boundary. The ranks agree
+    (the signal rides on each step's all-reduce): all pause after step 3, and rank 0 writes that checkpoint."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_signalled_rank, args=(port, str(tmp_path), results), nprocs=2, join=True)
+        results = dict(results)
+    assert results == {0: ("paused", 3, 143), 1: ("paused", 3, 143)}, results   # 128 + SIGTERM
+    assert plumbing.load_checkpoint(str(tmp_path / "m.pt"))["step"] == 3
+
+
+def test_more_processes_than_gpus_is_one_line(monkeypatch):
+    # torchrun --nproc_per_node 2 on a machine with one GPU: rank 1's LOCAL_RANK has no device
+    monkeypatch.setattr(plumbing, "check_device", lambda device: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(SystemExit, match="started 2 processes on this machine, which has 1 CUDA device"):
+        fit.setup_runtime("cuda")

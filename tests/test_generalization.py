@@ -185,3 +185,11 @@ def test_bad_input_is_one_line_and_exit_status_2(args, words, capsys):
         gen.parse_config(args)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and words in err and err.count("\n") == 1, err
+
+
+def test_torchrun_is_refused_before_any_work(tmp_path, monkeypatch):
+    # every rank would train, sample and write the same files: one line, nothing written
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="runs in one process; start it with python, not torchrun"):
+        gen.main(["--quick", "--out", str(tmp_path / "g")])
+    assert not (tmp_path / "g").exists()

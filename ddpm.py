@@ -17,6 +17,7 @@ Where it is in the paper (Deschenaux et al., ICML 2024)
     Sec. 2.2            guided mean mu + sigma^2 g                                          -> p_sample(cond_fn)
     App. C              sampling with 250 of the 4000 steps ("respacing")                  -> space_timesteps
     (Training's t: uniform in the paper; tilted toward noise by the CPU preset.)             -> timestep_probs
+    (What the network predicts: eps in the paper; the velocity in the circles CPU preset.)   -> Diffusion(prediction)
     (DDIM: Song et al. 2021, Eq. 12; used by the paper's App. M and N.)                    -> ddim_step
 
 Conventions
@@ -197,10 +198,13 @@ def mean_flat(x):
 # The diffusion process
 # ----------------------------------------------------------------------------------------------
 
+PREDICTIONS = ("eps", "velocity")  # what the network's first C channels predict (Diffusion's prediction)
+
+
 class Diffusion:
     """A Gaussian diffusion process over T steps (or a respaced subset of them) and its reverse.
 
-    Diffusion(betas, learn_sigma=True, loss="hybrid", timesteps=None)
+    Diffusion(betas, learn_sigma=True, loss="hybrid", timesteps=None, prediction="eps")
         betas       : float64 array from get_betas, the ORIGINAL schedule (length T).
         learn_sigma : the network outputs 2C channels, eps and v (Eq. 8); False = fixed variance
                       beta~_t (the "fixed small" posterior variance of Ho et al.). Improved DDPM's
@@ -210,14 +214,25 @@ class Diffusion:
                       needs learn_sigma=False since nothing would train the variance), or "kl"
                       (the full L_vlb estimate, which App. J reports as hard to train).
         timesteps   : the kept steps of a respaced process (from space_timesteps); None keeps all.
+        prediction  : what the first C output channels predict. "eps" (the paper, Eq. 7) or "velocity",
+                      u = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (Salimans & Ho 2022, their "v"; called
+                      the velocity here because v is Eq. 8's variance output). Since x_t = sqrt(abar_t)
+                      x_0 + sqrt(1 - abar_t) eps, a velocity u gives x_0 = sqrt(abar_t) x_t - sqrt(1 - abar_t)
+                      u and eps = sqrt(abar_t) u + sqrt(1 - abar_t) x_t; everything downstream (Eq. 7, 8,
+                      guidance, DDIM) sees eps and x_0 as before. Its L_simple, ||u - u_theta||^2, is the
+                      eps loss divided by abar_t: it weights the noisy steps, where x_0 is hard to read
+                      from an eps, far more. The circles CPU preset uses it (docs/RESULTS.md).
 
     After construction ``num_timesteps`` is the length of this (possibly respaced) chain and
     ``timestep_map[t]`` the original index the network is called with.
     """
 
-    def __init__(self, betas, *, learn_sigma=True, loss="hybrid", timesteps=None):
+    def __init__(self, betas, *, learn_sigma=True, loss="hybrid", timesteps=None, prediction="eps"):
         if loss not in ("hybrid", "simple", "kl"):
             raise ValueError(f"unknown loss {loss!r}; expected 'hybrid', 'simple' or 'kl'")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {prediction!r}; expected one of {', '.join(PREDICTIONS)}")
+        self.prediction = prediction
         if loss == "simple" and learn_sigma:
             raise ValueError("loss='simple' trains no variance: use learn_sigma=False or loss='hybrid'")
         betas = np.asarray(betas, dtype=np.float64)
@@ -311,7 +326,7 @@ class Diffusion:
         C = xt.shape[1]
         out = model(xt, self.model_timesteps(t)).float()   # autocast may hand back bf16/fp16
         if self.learn_sigma:
-            eps, v = out[:, :C], out[:, C:]                  # (B, 2C, H, W) -> eps and v, (B, C, H, W) each
+            pred, v = out[:, :C], out[:, C:]                 # (B, 2C, H, W) -> eps (or velocity) and v
             # Eq. 8: log sigma^2 = v log beta_t + (1 - v) log beta~_t, with the raw output in
             # [-1, 1] mapped to v in [0, 1].
             frac = (v + 1.0) / 2.0
@@ -319,10 +334,15 @@ class Diffusion:
                             + (1.0 - frac) * self._extract(self.posterior_log_variance_clipped, t, xt))
             variance = torch.exp(log_variance)
         else:
-            eps = out
+            pred = out
             variance = self._extract(self.posterior_variance, t, xt).expand_as(xt)
             log_variance = self._extract(self.posterior_log_variance_clipped, t, xt).expand_as(xt)
-        pred_x0 = self.pred_x0_from_eps(xt, t, eps)         # invert Eq. 4 for x_0
+        if self.prediction == "velocity":                    # x_0 and eps from u (class docstring)
+            a, b = self._extract(self.sqrt_alphas_cumprod, t, xt), self._extract(self.sqrt_one_minus_alphas_cumprod, t, xt)
+            pred_x0, eps = a * xt - b * pred, a * pred + b * xt
+        else:
+            eps = pred
+            pred_x0 = self.pred_x0_from_eps(xt, t, eps)     # invert Eq. 4 for x_0
         if clip:
             pred_x0 = pred_x0.clamp(-1.0, 1.0)
         mean, _, _ = self.q_posterior(pred_x0, xt, t)        # Eq. 7 written through Eq. 5
@@ -332,6 +352,11 @@ class Diffusion:
         """Invert Eq. 4: x_0 = x_t / sqrt(abar_t) - sqrt(1/abar_t - 1) eps."""
         return (self._extract(self.sqrt_recip_alphas_cumprod, t, xt) * xt
                 - self._extract(self.sqrt_recipm1_alphas_cumprod, t, xt) * eps)
+
+    def velocity(self, x0, t, noise):
+        """The velocity target u = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 of x_t = q_sample(x0, t, noise)."""
+        return (self._extract(self.sqrt_alphas_cumprod, t, x0) * noise
+                - self._extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0)
 
     def eps_from_pred_x0(self, xt, t, pred_x0):
         """Eq. 4 solved for eps: eps = (x_t / sqrt(abar_t) - x_0) / sqrt(1/abar_t - 1)."""
@@ -353,24 +378,25 @@ class Diffusion:
     def training_losses(self, model, x0, t, noise):
         """Per-example losses at chain indices t: dict(loss, mse, vb), each of shape (B,).
 
-        hybrid: loss = mse + vb, where mse = ||eps - eps_theta||^2 / D (L_simple) and vb is the
-            L_vlb term in bits/dim with a stop-gradient on eps (so on the mean: it trains only the
-            variance), scaled by T/1000. That scaling is lambda = 0.001 of App. A.3: L_vlb sums T
+        hybrid: loss = mse + vb, where mse = ||eps - eps_theta||^2 / D (L_simple; with prediction
+            "velocity", ||u - u_theta||^2 / D) and vb is the L_vlb term in bits/dim with a stop-gradient
+            on that prediction (so on the mean: it trains only the variance), scaled by T/1000. That scaling is lambda = 0.001 of App. A.3: L_vlb sums T
             terms, i.e. T * E_t[L_t], and 0.001 * T * E_t[L_t] = vb * T / 1000.
         simple: loss = mse.   kl: loss = vb * T (an unbiased estimate of the whole L_vlb).
         """
         C = x0.shape[1]
         xt = self.q_sample(x0, t, noise)
         out = model(xt, self.model_timesteps(t)).float()
-        eps = out[:, :C]
-        terms = dict(mse=mean_flat((noise - eps) ** 2))
+        pred = out[:, :C]                                    # eps_theta, or u_theta
+        target = noise if self.prediction == "eps" else self.velocity(x0, t, noise)
+        terms = dict(mse=mean_flat((target - pred) ** 2))
         if self.loss_type == "kl":
             terms["vb"] = self._vb_terms_bpd(lambda *_: out, x0, xt, t)["output"]
             terms["loss"] = terms["vb"] * self.num_timesteps
             return terms
         if self.learn_sigma:
-            ### BEGIN SOLUTION a2: the L_vlb term of L_hybrid: stop-gradient on eps, bits/dim, times T / 1000
-            frozen = torch.cat([eps.detach(), out[:, C:]], dim=1)  # stop-gradient on the mean (App. A.3)
+            ### BEGIN SOLUTION a2: the L_vlb term of L_hybrid: stop-gradient on pred, bits/dim, times T / 1000
+            frozen = torch.cat([pred.detach(), out[:, C:]], dim=1)  # stop-gradient on the mean (App. A.3)
             terms["vb"] = self._vb_terms_bpd(lambda *_: frozen, x0, xt, t)["output"] * (self.num_timesteps / 1000.0)
             ### END SOLUTION
         else:
@@ -533,11 +559,13 @@ class Diffusion:
 
 def diffusion_from_config(d, respacing=None):
     """A Diffusion from the dict every zsi checkpoint stores under "diffusion":
-    {schedule, T, learn_sigma, loss, respacing}. `respacing` overrides the stored one (e.g. "50"
-    to sample with 50 steps from a model trained on all T); "" or None keeps all T steps."""
+    {schedule, T, learn_sigma, loss, respacing, prediction}. `respacing` overrides the stored one (e.g.
+    "50" to sample with 50 steps from a model trained on all T); "" or None keeps all T steps. A dict
+    without "prediction" (written before it existed) predicts eps."""
     spec = d.get("respacing") if respacing is None else respacing
     kept = space_timesteps(d["T"], spec) if spec else None
-    return Diffusion(get_betas(d["schedule"], d["T"]), learn_sigma=d["learn_sigma"], loss=d["loss"], timesteps=kept)
+    return Diffusion(get_betas(d["schedule"], d["T"]), learn_sigma=d["learn_sigma"], loss=d["loss"], timesteps=kept,
+                     prediction=d.get("prediction", "eps"))
 
 
 def forward_demo(path, T=1000, size=32, radius=6.0, seed=0):

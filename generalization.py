@@ -272,7 +272,7 @@ def check_networks(cfg):
 def ddpm_config(cfg, out):
     """The train.Config of every DDPM of the study: eps-prediction with L_simple (DDIM needs no variance)."""
     return train.Config(out=out, seed=cfg.seed, device=cfg.device, threads=cfg.threads, image_size=cfg.size,
-                        unet=cfg.unet, T=cfg.T, schedule="cosine", learn_sigma=False, loss="simple",
+                        unet=cfg.unet, T=cfg.T, schedule="cosine", learn_sigma=False, loss="simple", prediction="eps",
                         steps=cfg.steps, batch=cfg.batch, lr=cfg.lr, warmup=cfg.warmup, ema=cfg.ema,
                         log_every=max(1, cfg.steps // 10), ckpt_every=max(100, cfg.steps // 5), grid_every=0,
                         clf_steps=cfg.clf_steps, clf_lr=3e-4, clf_batch=cfg.batch)

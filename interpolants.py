@@ -363,17 +363,16 @@ def kde(points, bandwidth):
 def score_regulariser(model, diffusion, t):
     """grad S(x) = -grad log p_t(x) = eps_theta(x, t) / sqrt(1 - abar_t) (Eq. 4's noise as a score).
 
-    model: a zsi UNet (forward(x, t) returns eps in its first C channels); diffusion: a
-    ddpm.Diffusion; t: a chain index of that diffusion (the model sees timestep_map[t]). S = None:
-    the density itself is unknown, so use probgeorce_score.
+    model: a zsi denoiser (forward(x, t) -> eps or the velocity, then v); diffusion: the ddpm.Diffusion
+    it was trained with (p_mean_variance turns either prediction into eps); t: a chain index of that
+    diffusion. S = None: the density itself is unknown, so use probgeorce_score.
     """
     abar = float(diffusion.float64["alphas_cumprod"][t])
-    t_model = int(diffusion.timestep_map[t])
 
     @torch.no_grad()
     def grad_S(x):
-        steps = torch.full((x.shape[0],), t_model, dtype=torch.long, device=x.device)
-        eps = model(x.float(), steps).float()[:, : x.shape[1]]           # (K, C, H, W)
+        steps = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)   # chain indices
+        eps = diffusion.p_mean_variance(model, x.float(), steps, clip=False)["eps"]   # (K, C, H, W)
         return (eps / math.sqrt(1.0 - abar)).to(x.dtype)
 
     return Regulariser(None, grad_S)

@@ -104,7 +104,7 @@ def inversion_chain(d, spec, t_model):
     """
     kept = sorted(set(ddpm.space_timesteps(d["T"], spec)) | {int(t_model)})
     chain = ddpm.Diffusion(ddpm.get_betas(d["schedule"], d["T"]), learn_sigma=d["learn_sigma"], loss=d["loss"],
-                           timesteps=kept)
+                           timesteps=kept, prediction=d.get("prediction", "eps"))
     return chain, kept.index(int(t_model))
 
 

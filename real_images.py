@@ -54,12 +54,12 @@ DATA = {name: dict(region=None, classes=2, flip_swaps_label=False, hflip=name !=
 # The filter keeps the most extreme 35% of each class by the ensemble's margin (filter_data.py, --subset auto).
 CPU_PRESET = dict(image_size=64, lambdas="30,30", steps=500, batch=16, log_every=25, ckpt_every=100, grid_every=0,
                   clf_steps=200, clf_batch=32, n_samples=256, sample_batch=128, regressor_steps=0, subset="auto",
-                  t_tilt=0.0)  # uniform t: the tilt of the circles preset was measured on circles only
+                  t_tilt=0.0, prediction="eps")  # the paper's uniform t and eps: the circles preset's were measured on circles only
 # GPU: App. C (250k DDPM steps, lr 1e-4, no weight decay, EMA 0.9999, T = 4000 cosine, L_hybrid, learned
 # variance, 3 res blocks, attention at 32, 16, 8; classifier 150k steps at lr 3e-4), 10k samples with 250
 # respaced steps (Sec. 5.1, App. C), the 60k subset (Sec. 5.1). Batch 64 and fp16 are the circles'
 # released config (App. C gives no batch size); filter_data.py gets its own --paper.
-PAPER_PRESET = dict(image_size=64, lambdas="30,30", unet="paper", T=4000, t_tilt=0.0, steps=250000, batch=64, lr=1e-4, warmup=0, grad_clip=0.0,
+PAPER_PRESET = dict(image_size=64, lambdas="30,30", unet="paper", T=4000, t_tilt=0.0, prediction="eps", steps=250000, batch=64, lr=1e-4, warmup=0, grad_clip=0.0,
                     ema=0.9999, ema_warmup=False, precision="fp16", sample_respacing="250", ckpt_every=5000,
                     grid_every=25000, log_every=500, n_samples=10000, sample_batch=250, clf="paper",
                     clf_steps=150000, clf_lr=3e-4, runs=1, regressor_steps=0, subset="60k",

@@ -86,6 +86,7 @@ class Config:
     loss: str = field(default="hybrid", metadata={"help": "training loss", "choices": ["hybrid", "simple", "kl"]})
     train_respacing: str = field(default="", metadata={"help": "train on a respaced chain ('' = all T steps)"})
     t_tilt: float = field(default=4.0, metadata={"help": "training's t drawn with p(t) ~ 1 + tilt t/T (0: uniform, the paper)"})
+    prediction: str = field(default="velocity", metadata={"help": "network output: eps (the paper) or velocity", "choices": ddpm.PREDICTIONS})
     steps: int = field(default=950, metadata={"help": "DDPM training steps"})
     batch: int = field(default=64, metadata={"help": "global batch size"})
     lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
@@ -174,7 +175,7 @@ PAPER_PRESETS = {
     # blocks, attention at 16 and 8, T = 4000 cosine trained on the full chain, L_hybrid, AdamW 1e-4,
     # batch 64, fp16 with loss scaling, 30k steps, a plain EMA of 0.9999, no gradient clipping; sampling
     # respaced to 64 steps.
-    "circles": dict(image_size=64, unet="paper", attention="16,8", T=4000, train_respacing="", t_tilt=0.0, grad_clip=0.0,
+    "circles": dict(image_size=64, unet="paper", attention="16,8", T=4000, train_respacing="", t_tilt=0.0, prediction="eps", grad_clip=0.0,
                     ema_warmup=False, steps=30000, batch=64, lr=1e-4, warmup=0, ema=0.9999, precision="fp16",
                     sample_respacing="64", lambdas="30,30", ckpt_every=2000, grid_every=5000, log_every=200,
                     n_samples=1000, sample_batch=250, clf="paper", clf_steps=3000, clf_lr=3e-4, runs=10),
@@ -241,8 +242,8 @@ def identity(cfg):
 
 def identity_diff(old, new):
     """The keys of a run's identity `new` whose values differ in `old`; a key that an older run's record
-    lacks counts as what the run did before the option existed: its Config default, or uniform t (--t-tilt 0)."""
-    defaults = {**{f.name: f.default for f in dataclasses.fields(Config)}, "t_tilt": 0.0}
+    lacks counts as what the run did before the option existed: its Config default, or the paper's uniform t and eps."""
+    defaults = {**{f.name: f.default for f in dataclasses.fields(Config)}, "t_tilt": 0.0, "prediction": "eps"}
     return sorted(k for k in new if old.get(k, defaults.get(k)) != new[k])
 
 
@@ -312,7 +313,7 @@ def build_ddpm(cfg, **unet_overrides):
         model = dit.build_dit(cfg.dit, image_size=cfg.image_size, learn_sigma=cfg.learn_sigma, num_classes=num_classes)
     else:
         model = unet.build_unet(cfg.unet, **overrides)
-    d = dict(schedule=cfg.schedule, T=cfg.T, learn_sigma=cfg.learn_sigma, loss=cfg.loss, respacing=cfg.train_respacing)
+    d = dict(schedule=cfg.schedule, T=cfg.T, learn_sigma=cfg.learn_sigma, loss=cfg.loss, respacing=cfg.train_respacing, prediction=cfg.prediction)
     return model, ddpm.diffusion_from_config(d), d
 
 
@@ -427,8 +428,7 @@ def draw_samples(cfg, rt, model, d, name, ddpm_step, clf=None, lambdas=(0.0, 0.0
     (atomically) and a grid of the first 64 as samples/<name>.png.
 
     guidance "classifier" guides with clf (Eq. 2); "free" with the class-conditional model itself (App. J).
-    Under --resume, samples already drawn from the same DDPM step with the same weights are reused.
-    """
+    Under --resume, samples already drawn from the same DDPM step with the same weights are reused."""
     path = os.path.join(cfg.out, "samples", f"{name}.npz")
     old = np.load(path) if cfg.resume and os.path.exists(path) else None
     if old is not None and int(old["ddpm_step"]) == ddpm_step and list(old["lambdas"]) == list(lambdas):

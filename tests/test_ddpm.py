@@ -436,3 +436,63 @@ def test_a_chain_needs_two_steps():
         Diffusion(get_betas("cosine", 1000), timesteps=[500])
     with pytest.raises(ValueError, match="at least 2 steps"):
         Diffusion(get_betas("cosine", 1))
+
+
+# --- the velocity parameterisation (Salimans & Ho 2022; the circles CPU preset) ----------------------
+
+def test_velocity_output_gives_back_eps_and_x0_in_float64():
+    """A network that outputs the exact velocity u = sqrt(abar) eps - sqrt(1 - abar) x0 of x_t yields the
+    exact eps and x0 (and so Eq. 7's mean of the eps network that outputs that eps), for learned and fixed
+    variance, against float64 numpy."""
+    betas = get_betas("cosine", 100)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.rand(4, 3, 4, 4, generator=g) * 2 - 1, torch.randn(4, 3, 4, 4, generator=g)
+    t = torch.tensor([0, 10, 50, 98])
+    for learn_sigma in (True, False):
+        d = Diffusion(betas, learn_sigma=learn_sigma, loss="hybrid" if learn_sigma else "simple", prediction="velocity")
+        e = Diffusion(betas, learn_sigma=learn_sigma, loss="hybrid" if learn_sigma else "simple")
+        xt = d.q_sample(x0, t, noise)
+        a = np.sqrt(d.float64["alphas_cumprod"][t.numpy()])[:, None, None, None]
+        xtn = a * x0.double().numpy() + np.sqrt(1 - a ** 2) * noise.double().numpy()
+        u = a * noise.double().numpy() - np.sqrt(1 - a ** 2) * x0.double().numpy()   # the velocity, float64
+        np.testing.assert_allclose(d.velocity(x0, t, noise).double().numpy(), u, atol=1e-6)
+        extra = [torch.zeros(4, 3, 4, 4)] if learn_sigma else []
+        out = d.p_mean_variance(ConstModel(torch.cat([torch.tensor(u, dtype=torch.float32), *extra], 1)), xt, t, clip=False)
+        np.testing.assert_allclose(out["eps"].double().numpy(), noise.double().numpy(), atol=2e-5)
+        np.testing.assert_allclose(out["pred_x0"].double().numpy(), x0.double().numpy(), atol=2e-5)
+        same = e.p_mean_variance(ConstModel(torch.cat([out["eps"], *extra], 1)), xt, t, clip=False)
+        torch.testing.assert_close(out["mean"], same["mean"], rtol=1e-4, atol=2e-4)
+        torch.testing.assert_close(out["log_variance"], same["log_variance"])
+        assert np.abs(xtn - xt.double().numpy()).max() < 1e-5
+
+
+def test_velocity_loss_is_the_eps_loss_over_abar_and_its_vb_trains_only_v():
+    """u_theta = u + delta is the eps network eps + sqrt(abar) delta: L_simple of the velocity is mean delta^2,
+    the eps network's is abar mean delta^2 (the ratio 1 / abar_t, closed form); the L_vlb terms agree, and
+    under L_hybrid the velocity output gets exactly L_simple's gradient."""
+    betas = get_betas("cosine", 100)
+    dv, de = Diffusion(betas, prediction="velocity"), Diffusion(betas)
+    g = torch.Generator().manual_seed(1)
+    x0, noise = torch.rand(3, 1, 4, 4, generator=g) * 2 - 1, torch.randn(3, 1, 4, 4, generator=g)
+    delta, v = 0.1 * torch.randn(3, 1, 4, 4, generator=g), torch.rand(3, 1, 4, 4, generator=g) * 2 - 1
+    t = torch.tensor([5, 40, 90])
+    xt = dv.q_sample(x0, t, noise)
+    a = dv._extract(dv.sqrt_alphas_cumprod, t, xt)
+    pred = (dv.velocity(x0, t, noise) + delta).requires_grad_(True)
+    lv = dv.training_losses(ConstModel(torch.cat([pred, v], 1)), x0, t, noise)
+    eps_net = (a * pred + dv._extract(dv.sqrt_one_minus_alphas_cumprod, t, xt) * xt).detach()
+    le = de.training_losses(ConstModel(torch.cat([eps_net, v], 1)), x0, t, noise)
+    mean_d2 = (delta ** 2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(lv["mse"], mean_d2, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(le["mse"], mean_d2 * (a.flatten() ** 2), rtol=1e-3, atol=1e-7)
+    torch.testing.assert_close(lv["vb"], le["vb"], rtol=1e-3, atol=1e-5)
+    lv["loss"].sum().backward()
+    torch.testing.assert_close(pred.grad, 2 * delta / delta[0].numel(), rtol=1e-3, atol=1e-6)
+
+
+def test_a_diffusion_config_without_prediction_predicts_eps():
+    d = dict(schedule="cosine", T=50, learn_sigma=True, loss="hybrid", respacing="")
+    assert ddpm.diffusion_from_config(d).prediction == "eps"                     # checkpoints written before it
+    assert ddpm.diffusion_from_config(dict(d, prediction="velocity"), "10").prediction == "velocity"
+    with pytest.raises(ValueError, match="unknown prediction 'x0'"):
+        Diffusion(get_betas("cosine", 50), prediction="x0")

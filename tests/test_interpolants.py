@@ -212,6 +212,12 @@ def test_score_regulariser_is_eps_over_sqrt_one_minus_abar_at_the_model_step():
     assert reg.S is None
     torch.testing.assert_close(reg.grad_S(x), 2 * x / math.sqrt(1 - abar), atol=1e-6, rtol=1e-6)
     assert seen[0].tolist() == [diffusion.timestep_map[3]] * 2      # the ORIGINAL step index
+    # a velocity network's u = 2x is the eps sqrt(abar) 2x + sqrt(1 - abar) x (ddpm.Diffusion, prediction)
+    velocity = ddpm.Diffusion(ddpm.get_betas("cosine", 100), timesteps=ddpm.space_timesteps(100, "10"),
+                              prediction="velocity")
+    eps = (2 * math.sqrt(abar) + math.sqrt(1 - abar)) * x
+    torch.testing.assert_close(ip.score_regulariser(model, velocity, 3).grad_S(x), eps / math.sqrt(1 - abar),
+                               atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("call, message", [

@@ -22,7 +22,7 @@ RELEASED = {
         ("denoiser", "num_res_blocks"): 3, ("denoiser", "attention_resolutions"): [16, 8],
         ("denoiser", "learn_sigma"): True, ("denoiser", "dropout"): 0.0, ("config", "T"): 4000,
         ("config", "schedule"): "cosine", ("config", "loss"): "hybrid", ("config", "train_respacing"): "",
-        ("config", "t_tilt"): 0.0, ("config", "sample_respacing"): "64", ("ddpm_fit", "lr"): 1e-4, ("ddpm_fit", "batch"): 64,
+        ("config", "t_tilt"): 0.0, ("config", "prediction"): "eps", ("config", "sample_respacing"): "64", ("ddpm_fit", "lr"): 1e-4, ("ddpm_fit", "batch"): 64,
         ("ddpm_fit", "precision"): "fp16", ("ddpm_fit", "ema"): 0.9999, ("ddpm_fit", "ema_warmup"): False,
         ("ddpm_fit", "grad_clip"): 0.0, ("ddpm_fit", "warmup"): 0, ("ddpm_fit", "steps"): 30000,
         ("ddpm_fit", "weight_decay"): 0.0, ("classifier", "model_channels"): 64, ("classifier", "num_res_blocks"): 2,
@@ -33,7 +33,7 @@ RELEASED = {
         ("config", "image_size"): 64, ("denoiser", "model_channels"): 128, ("denoiser", "num_res_blocks"): 3,
         ("denoiser", "attention_resolutions"): [32, 16, 8], ("denoiser", "learn_sigma"): True, ("config", "T"): 4000,
         ("config", "schedule"): "cosine", ("config", "loss"): "hybrid", ("config", "train_respacing"): "",
-        ("config", "t_tilt"): 0.0, ("config", "sample_respacing"): "250", ("ddpm_fit", "lr"): 1e-4, ("ddpm_fit", "steps"): 250000,
+        ("config", "t_tilt"): 0.0, ("config", "prediction"): "eps", ("config", "sample_respacing"): "250", ("ddpm_fit", "lr"): 1e-4, ("ddpm_fit", "steps"): 250000,
         ("ddpm_fit", "weight_decay"): 0.0, ("ddpm_fit", "ema"): 0.9999, ("ddpm_fit", "ema_warmup"): False,
         ("ddpm_fit", "grad_clip"): 0.0, ("classifier_fit", "steps"): 150000, ("classifier_fit", "lr"): 3e-4,
         ("config", "lambdas"): "30,30", ("config", "n_samples"): 10000, ("config", "subset"): "60k",
@@ -57,6 +57,8 @@ def test_paper_preset_is_the_released_configuration(data):
 
 def test_the_cpu_default_keeps_its_own_numbers():
     got = print_config("--data", "circles")
-    assert got["config"]["t_tilt"] == 4.0 and print_config("--data", "digits")["config"]["t_tilt"] == 0.0
+    digits = print_config("--data", "digits")["config"]
+    assert got["config"]["t_tilt"] == 4.0 and digits["t_tilt"] == 0.0
+    assert got["config"]["prediction"] == "velocity" and digits["prediction"] == "eps"   # measured on circles only
     assert got["ddpm_fit"]["ema_warmup"] is True and got["ddpm_fit"]["grad_clip"] == 1.0
     assert got["config"]["image_size"] == 32 and got["denoiser"]["stem"] == 2

@@ -246,6 +246,13 @@ def test_a_record_from_before_t_tilt_counts_as_uniform_t():
     assert circles.t_tilt == 4.0 and train.identity_diff(old, train.identity(circles)) == ["t_tilt"]
     old = {k: v for k, v in train.identity(digits).items() if k != "t_tilt"}
     assert digits.t_tilt == 0.0 and train.identity_diff(old, train.identity(digits)) == []
+    # and before --prediction they predicted eps: the circles preset's velocity is another run, digits' eps is not
+    old = {k: v for k, v in train.identity(circles).items() if k != "prediction"}
+    assert circles.prediction == "velocity" and train.identity_diff(old, train.identity(circles)) == ["prediction"]
+    old = {k: v for k, v in train.identity(digits).items() if k != "prediction"}
+    assert digits.prediction == "eps" and train.identity_diff(old, train.identity(digits)) == []
+    import generalization
+    assert generalization.ddpm_config(generalization.parse_config(["--quick"]), "x").prediction == "eps"
 
 
 def test_a_run_that_stopped_before_its_ddpm_starts_again_with_the_same_command(tmp_path):

@@ -107,7 +107,7 @@ class Config:
     sampler: str = field(default="ddpm", metadata={"help": "reverse process", "choices": ["ddpm", "ddim"]})
     n_samples: int = field(default=256, metadata={"help": "samples per evaluation (the paper: 1000)"})
     sample_batch: int = field(default=256, metadata={"help": "images per sampling batch"})
-    lambdas: str = field(default="60,60", metadata={"help": "multi-guidance weights, one per class (left,right; "
+    lambdas: str = field(default="120,120", metadata={"help": "multi-guidance weights, one per class (left,right; "
                                                  "corners: quadrants 0-3, row-major)"})
     lambda_sweep: str = field(default="", metadata={"help": "also evaluate these equal weights, e.g. 0,10,30,60 "
                                                      "(with --guidance free: 0,1,3,10,30 when not given)"})
@@ -166,7 +166,7 @@ DATA = {"circles": dict(region="train", classes=2, flip_swaps_label=True, hflip=
         "corners": dict(region="corners", classes=4, flip_swaps_label=True, hflip=True), **real_images.DATA}
 CFG_SWEEP = "0,1,3,10,30"  # the lambda sweep of a --guidance free run when --lambda-sweep is not given
 
-# The dataclass defaults are the circles CPU preset (950 DDPM steps, lambda = 60,60; why: docs/RESULTS.md).
+# The dataclass defaults are the circles CPU preset (950 DDPM steps, velocity, lambda = 120,120; why: docs/RESULTS.md).
 PRESETS = {"circles": {},
            "corners": dict(lambdas="30,30,30,30"),  # App. F: "lambda = 30 across all classes"
            **real_images.PRESETS}

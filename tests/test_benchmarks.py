@@ -185,6 +185,7 @@ def test_bad_samples_smoke_reproduces_the_sampler(tmp_path):
     import evaluate
     import multiguide
     import plumbing
+    import train
     from benchmarks import bad_samples
     run = tmp_path / "run"
     r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--data", "circles", *TINY_TRAIN,
@@ -195,7 +196,7 @@ def test_bad_samples_smoke_reproduces_the_sampler(tmp_path):
     assert "went bad" in r.stdout and (tmp_path / "b" / "bad_samples.png").stat().st_size > 0
     rec = json.loads((tmp_path / "b" / "bad_samples.json").read_text())["runs"][str(run)]
     model, d, clf = multiguide.load_models(str(run / "ddpm.pt"), str(run / "classifier0.pt"))
-    for name, lambdas in (("unguided", [0.0, 0.0]), ("guided", [60.0, 60.0])):
+    for name, lambdas in (("unguided", [0.0, 0.0]), ("guided", plumbing.float_list(train.Config.lambdas))):
         s = rec[name]
         assert s["lambdas"] == lambdas and s["n"] == 6 and len(s["t"]) == 5 and s["t"][0] > s["t"][-1] == 0
         for k in range(5):

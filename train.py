@@ -168,7 +168,7 @@ CFG_SWEEP = "0,1,3,10,30"  # the lambda sweep of a --guidance free run when --la
 
 # The dataclass defaults are the circles CPU preset (950 DDPM steps, velocity, lambda = 120,120; why: docs/RESULTS.md).
 PRESETS = {"circles": {},
-           "corners": dict(lambdas="30,30,30,30"),  # App. F: "lambda = 30 across all classes"
+           "corners": dict(lambdas="30,30,30,30", prediction="eps"),  # App. F's lambda; eps: velocity measured on circles only
            **real_images.PRESETS}
 PAPER_PRESETS = {
     # Section 5.5 with the authors' released circles config: 64x64, 128 channels, mult 1,2,3,4, 3 res

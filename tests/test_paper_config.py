@@ -60,5 +60,6 @@ def test_the_cpu_default_keeps_its_own_numbers():
     digits = print_config("--data", "digits")["config"]
     assert got["config"]["t_tilt"] == 4.0 and digits["t_tilt"] == 0.0
     assert got["config"]["prediction"] == "velocity" and digits["prediction"] == "eps"   # measured on circles only
+    assert print_config("--data", "corners")["config"]["prediction"] == "eps"
     assert got["ddpm_fit"]["ema_warmup"] is True and got["ddpm_fit"]["grad_clip"] == 1.0
     assert got["config"]["image_size"] == 32 and got["denoiser"]["stem"] == 2

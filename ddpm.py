@@ -380,8 +380,9 @@ class Diffusion:
 
         hybrid: loss = mse + vb, where mse = ||eps - eps_theta||^2 / D (L_simple; with prediction
             "velocity", ||u - u_theta||^2 / D) and vb is the L_vlb term in bits/dim with a stop-gradient
-            on that prediction (so on the mean: it trains only the variance), scaled by T/1000. That scaling is lambda = 0.001 of App. A.3: L_vlb sums T
-            terms, i.e. T * E_t[L_t], and 0.001 * T * E_t[L_t] = vb * T / 1000.
+            on that prediction (so on the mean: it trains only the variance), scaled by T/1000. That
+            scaling is lambda = 0.001 of App. A.3: L_vlb sums T terms, i.e. T * E_t[L_t], and
+            0.001 * T * E_t[L_t] = vb * T / 1000.
         simple: loss = mse.   kl: loss = vb * T (an unbiased estimate of the whole L_vlb).
         """
         C = x0.shape[1]

@@ -28,7 +28,8 @@ device's random streams.
 Interrupts. Ctrl-C (SIGINT) or SIGTERM during training finishes the current step, writes a
 checkpoint and raises plumbing.Interrupted; the command lines (plumbing.guard) print how to resume and
 exit with 130 / 143. Under DDP the signal reaches the processes at different steps; they agree through
-each step's all-reduce and all pause after the same step. `settings.stop_at` pauses the same way at a given step, without a signal.
+each step's all-reduce and all pause after the same step. `settings.stop_at` pauses the same way at a
+given step, without a signal.
 
 Loss scaling (fp16). The loss is multiplied by a scale S before the backward pass so that small
 float16 gradients do not flush to zero; the gradients are divided by S again before clipping and the
@@ -288,7 +289,7 @@ def fit(model, loss_fn, s, ckpt_path, rt, meta, identity, resume=False, on_step=
 
 def _one_step(net, model, ema, opt, scaler, loss_fn, s, rt, step, stop):
     """One optimisation step: (means of the loss terms, gradient norm before clipping, signal), with
-    (None, None) when the step was skipped: the loss was not finite (on every rank: they must agree under
+    (None, None, signal) when the step was skipped: the loss was not finite (on every rank: they must agree under
     DDP), or fp16 gradients overflowed and the scaler skipped the optimizer step (DDP's all-reduced
     gradients make every rank see the same overflow). signal: the SIGINT/SIGTERM to pause on after this
     step, 0 for none. Under DDP the ranks agree on it too: a signal reaches the processes at different
@@ -303,8 +304,7 @@ def _one_step(net, model, ema, opt, scaler, loss_fn, s, rt, step, stop):
     flags = torch.tensor([0.0 if torch.isfinite(loss) else 1.0, float(stop.signum)], device=rt.device)
     if rt.world > 1:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)   # any rank's NaN or signal counts for all
-    bad, signum = flags.tolist()
-    signum = int(signum)
+    bad, signum = (int(v) for v in flags.tolist())
     opt.zero_grad(set_to_none=True)
     if bad != 0:
         return None, None, signum
